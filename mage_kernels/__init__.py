@@ -1,0 +1,55 @@
+"""mage-kernels: fused kernels for MAGE continual learning of multimodal LLMs.
+
+Public API (see README.md):
+
+* :class:`MageLinear` -- frozen linear + four equally weighted LoRA adapters.
+* :func:`inject`, :func:`for_task`, :func:`set_trainable`, :func:`adapter_state_dict`,
+  :func:`load_adapter_state_dict` -- model-wide adapter management.
+* :func:`lora_linear` -- the fused op itself (``torch.ops.mage.lora_linear``).
+* :func:`backend`, :func:`set_backend`, :func:`use_backend`, :func:`backend_info` --
+  explicit kernel backend choice (``triton`` | ``cuda`` | ``torch``).
+"""
+
+from .backend import (
+    BackendUnavailableError,
+    backend,
+    backend_info,
+    resolve_backend,
+    set_backend,
+    use_backend,
+)
+from .inject import (
+    LLAMA_TARGETS,
+    adapter_parameters,
+    adapter_state_dict,
+    for_task,
+    inject,
+    load_adapter_state_dict,
+    mage_layers,
+    set_trainable,
+)
+from .layer import ADAPTERS, MageLinear, adapters_for_task
+from .lora_op import lora_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADAPTERS",
+    "BackendUnavailableError",
+    "LLAMA_TARGETS",
+    "MageLinear",
+    "adapter_parameters",
+    "adapter_state_dict",
+    "adapters_for_task",
+    "backend",
+    "backend_info",
+    "for_task",
+    "inject",
+    "load_adapter_state_dict",
+    "lora_linear",
+    "mage_layers",
+    "resolve_backend",
+    "set_backend",
+    "set_trainable",
+    "use_backend",
+]
