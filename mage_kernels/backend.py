@@ -68,10 +68,10 @@ def backend() -> str:
     return _check(os.environ.get(_ENV, "auto") or "auto")
 
 
-def set_backend(name: str) -> None:
-    """Select the backend for all later calls (``"auto"`` restores the default)."""
+def set_backend(name: Optional[str]) -> None:
+    """Select the backend for all later calls; ``None`` goes back to ``$MAGE_BACKEND`` / ``"auto"``."""
     global _requested
-    _requested = _check(name)
+    _requested = None if name is None else _check(name)
 
 
 @contextlib.contextmanager

@@ -213,7 +213,7 @@ class MageLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if self.merged:
-            if self.training and any(p.requires_grad for p in self.lora_A.parameters()):
+            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
                 raise RuntimeError("MageLinear is merged; call unmerge() before training the adapters")
             return self.base(x)
         a, b = self.lora_weights()

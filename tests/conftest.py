@@ -15,6 +15,6 @@ def _seed_and_backend():
     import mage_kernels
 
     torch.manual_seed(1234)
-    mage_kernels.set_backend("auto")
+    mage_kernels.set_backend(None)
     yield
-    mage_kernels.set_backend("auto")
+    mage_kernels.set_backend(None)
