@@ -30,10 +30,18 @@ from .inject import (
 )
 from .layer import ADAPTERS, MageLinear, adapters_for_task
 from .lora_op import lora_linear
+from .fisher import Fisher
+from .ema import DEMA, PEMA, pema_update_
+from .memory import persistent_state_bytes
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEMA",
+    "Fisher",
+    "PEMA",
+    "pema_update_",
+    "persistent_state_bytes",
     "ADAPTERS",
     "BackendUnavailableError",
     "LLAMA_TARGETS",

@@ -1,0 +1,362 @@
+"""PEMA (MAGE, SPEC section 3) and the DEMA / CIA baseline (SPEC section 4).
+
+Both keep an exponential moving average ``theta*`` of every trainable adapter
+tensor over a task, updated after each optimizer step, and copy it into the
+weights at the end of the task. They share one interface::
+
+    pema = mage_kernels.PEMA(model)            # theta* <- theta (task start)
+    for batch in task:
+        fisher.reset(); loss(batch).backward(); optimizer.step()
+        pema.update(fisher)                    # uses p.grad and F; before zero_grad()
+        optimizer.zero_grad()
+    pema.finish_task()                         # theta <- theta*
+
+PEMA, per element (the project's diagonal, elementwise form of the paper's
+Eq. 3-4; the authors' code inverts an n x n matrix per tensor and never clamps,
+this fallback is the documented design decision of SPEC section 3)::
+
+    beta   = (g + 1) / (F * (theta - theta*) + lam)
+    beta   = beta if 0 < beta < 1 else beta_fallback
+    theta* = beta * theta* + (1 - beta) * theta        (kept when not finite)
+
+It runs as the custom op ``torch.ops.mage.pema_update_`` (one fused
+multi-tensor Triton launch per dtype group, see :mod:`mage_kernels.kernels.pema`).
+Persistent state: one ``theta*`` per trained tensor (``F`` is per-step workspace).
+
+DEMA (CIA), one scalar per tensor::
+
+    a = |theta - theta*|_1,  b = |g|_1,  c = |g - g_prev|_1
+    alpha = 2 (1 + b) / (a c), alpha_fallback unless 0 < alpha < 1
+    theta* = (1 - alpha) theta* + alpha theta;  g_prev = g
+
+Persistent state: ``theta*`` AND ``g_prev``. ``g_prev`` starts as zeros at the
+task start, so the first step has ``c = |g|_1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import reference
+from .backend import BACKENDS, resolve_backend, use_backend
+from .inject import adapter_parameters
+
+__all__ = ["PEMA", "DEMA", "pema_update_"]
+
+_PEMA_SCHEMA = (
+    "(Tensor[] params, Tensor(a!)[] emas, Tensor[] grads, Tensor[] fishers, float lam, float beta_fallback) -> Tensor"
+)
+
+
+def _validate(params, emas, grads, fishers) -> None:
+    n = len(emas)
+    if not (len(params) == len(grads) == len(fishers) == n):
+        raise ValueError(
+            f"pema_update_ needs lists of equal length; got params={len(params)}, emas={n}, "
+            f"grads={len(grads)}, fishers={len(fishers)}"
+        )
+    if n == 0:
+        return
+    dev = emas[0].device
+    for i, (p, e, g, f) in enumerate(zip(params, emas, grads, fishers)):
+        for what, t in (("param", p), ("ema", e), ("grad", g), ("fisher", f)):
+            if not t.is_floating_point():
+                raise TypeError(f"pema_update_: {what} {i} must be floating point; got {t.dtype}")
+            if t.shape != e.shape:
+                raise ValueError(f"pema_update_: {what} {i} has shape {tuple(t.shape)} but its ema has {tuple(e.shape)}")
+            if t.device != dev:
+                raise ValueError(f"pema_update_: {what} {i} is on {t.device} but ema 0 is on {dev}; use one device")
+        if not e.is_contiguous():
+            raise ValueError(f"pema_update_: ema {i} must be contiguous (it is updated in place)")
+
+
+@torch.library.custom_op("mage::pema_update_", mutates_args=("emas",), schema=_PEMA_SCHEMA)
+def _pema_update_op(
+    params: List[torch.Tensor],
+    emas: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    fishers: List[torch.Tensor],
+    lam: float,
+    beta_fallback: float,
+) -> torch.Tensor:
+    _validate(params, emas, grads, fishers)
+    if not emas:
+        return torch.zeros(2, dtype=torch.int64)
+    name = resolve_backend(emas[0].device, "pema_update_")
+    if name == "torch":
+        counts = reference.pema_update_(params, emas, grads, fishers, lam, beta_fallback)
+    elif name == "cuda":
+        from . import cuda_extension  # noqa: F401  (registers torch.ops.mage_cuda)
+
+        counts = torch.ops.mage_cuda.pema_update_(params, emas, grads, fishers, lam, beta_fallback)
+    else:
+        from .kernels import pema as triton_pema
+
+        counts = triton_pema.pema_update_(params, emas, grads, fishers, lam, beta_fallback)
+    return counts
+
+
+@_pema_update_op.register_fake
+def _(params, emas, grads, fishers, lam, beta_fallback):
+    return torch.empty(2, dtype=torch.int64, device=emas[0].device if len(emas) else "cpu")
+
+
+def pema_update_(
+    params: Sequence[torch.Tensor],
+    emas: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    fishers: Sequence[torch.Tensor],
+    lam: float = 1e-5,
+    beta_fallback: float = 0.99,
+) -> torch.Tensor:
+    """PEMA update of ``emas`` in place (SPEC section 3); the functional form of :class:`PEMA`.
+
+    Args:
+        params: the current weights ``theta`` (after the optimizer step).
+        emas: the EMA copies ``theta*`` (contiguous; updated in place).
+        grads: the step's batch gradients ``g``.
+        fishers: the step's Fisher diagonals ``F`` (:class:`mage_kernels.Fisher`).
+        lam: the damping ``lambda`` (1e-5 in the paper).
+        beta_fallback: ``beta`` used where the formula's value is not in ``(0, 1)``.
+
+    Returns:
+        ``int64[2]`` on the tensors' device: (elements that used the fallback,
+        elements skipped because the result was not finite). No host sync.
+    """
+    with torch.no_grad():
+        return torch.ops.mage.pema_update_(
+            [p.detach() for p in params], list(emas), [g.detach() for g in grads], [f.detach() for f in fishers],
+            float(lam), float(beta_fallback),
+        )
+
+
+# ----------------------------------------------------------------------------- classes
+
+
+class _TaskEMA:
+    """What PEMA and DEMA share: the theta* snapshot, finish_task, counters, state."""
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected an nn.Module; got {type(model).__name__}")
+        self.model = model
+        self.names: List[str] = []
+        self.params: List[nn.Parameter] = []
+        self.emas: List[torch.Tensor] = []
+        self._counts: Optional[torch.Tensor] = None  # device int64 [2], running totals
+        self._last: Optional[Tuple[torch.Tensor, int]] = None  # (counts of the last update, its size)
+        self.steps = 0
+        self.start_task()
+
+    def start_task(self) -> None:
+        """Snapshot ``theta* <- theta`` for the currently trainable adapters (start of a task)."""
+        named = list(adapter_parameters(self.model, trainable_only=True))
+        if not named:
+            raise ValueError("the model has no trainable adapter parameters (set_trainable / for_task first)")
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.emas = []  # free the previous task's buffers before allocating
+        with torch.no_grad():
+            self.emas = [p.detach().clone(memory_format=torch.contiguous_format) for p in self.params]
+        self._counts = None
+        self._last = None
+        self.steps = 0
+
+    def _active(self) -> List[int]:
+        return [i for i, p in enumerate(self.params) if p.grad is not None]
+
+    def _record(self, counts: torch.Tensor, size: int) -> None:
+        self._counts = counts.clone() if self._counts is None else self._counts + counts
+        self._last = (counts, size)
+        self.steps += 1
+
+    # counters: lazy (reading them syncs with the device; updating does not)
+    @property
+    def counts(self) -> torch.Tensor:
+        """Running totals ``int64[2]`` on the device: (fallbacks, non-finite), no host sync."""
+        return self._counts if self._counts is not None else torch.zeros(2, dtype=torch.int64)
+
+    @property
+    def fallback_count(self) -> int:
+        return int(self.counts[0])
+
+    @property
+    def nonfinite_count(self) -> int:
+        return int(self.counts[1])
+
+    @property
+    def last_fallback_fraction(self) -> float:
+        if self._last is None or self._last[1] == 0:
+            return 0.0
+        return float(self._last[0][0]) / self._last[1]
+
+    def finish_task(self) -> List[str]:
+        """``theta <- theta*`` for every tracked tensor; skips (and warns about) tensors whose EMA is not finite.
+
+        Returns the names of the skipped tensors.
+        """
+        skipped = []
+        with torch.no_grad():
+            for name, p, e in zip(self.names, self.params, self.emas):
+                if not bool(torch.isfinite(e).all()):
+                    skipped.append(name)
+                    continue
+                p.copy_(e)
+        if skipped:
+            warnings.warn(
+                f"{type(self).__name__}.finish_task: kept the trained weights of {len(skipped)} tensor(s) whose EMA "
+                f"holds NaN/inf: {', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return skipped
+
+    def persistent_tensors(self) -> List[torch.Tensor]:
+        return list(self.emas)
+
+    def state_bytes(self) -> int:
+        """Persistent bytes held (measured on the tensors, see :func:`mage_kernels.persistent_state_bytes`)."""
+        from .memory import persistent_state_bytes
+
+        return persistent_state_bytes(self)
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"names": list(self.names), "emas": [e.detach().clone() for e in self.emas], "steps": self.steps}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        if list(state["names"]) != self.names:
+            raise KeyError("state_dict tensors do not match this object's tracked parameters (call start_task() first?)")
+        with torch.no_grad():
+            for e, v in zip(self.emas, state["emas"]):
+                if v.shape != e.shape:
+                    raise ValueError(f"EMA shape mismatch: {tuple(v.shape)} vs {tuple(e.shape)}")
+                e.copy_(v)
+        self.steps = int(state.get("steps", 0))
+
+
+class PEMA(_TaskEMA):
+    """Parameter-wise EMA of MAGE (SPEC section 3) over the model's trainable adapters.
+
+    Args:
+        model: a :class:`MageLinear` or a model containing them. The tensors
+            tracked are the adapters trainable when the object is created (or at
+            :meth:`start_task`).
+        lam: the damping ``lambda``.
+        beta_fallback: ``beta`` where the formula leaves ``(0, 1)`` (NaN/inf too).
+        backend: ``"triton" | "cuda" | "torch" | "auto"``; ``None`` follows
+            :func:`mage_kernels.set_backend`.
+
+    Counters (reading them syncs with the device; :meth:`update` does not):
+    ``fallback_count`` (elements that used ``beta_fallback``), ``nonfinite_count``
+    (elements skipped because the new ``theta*`` would not be finite),
+    ``last_fallback_fraction`` (share of the last update's elements that fell back).
+    """
+
+    def __init__(self, model: nn.Module, lam: float = 1e-5, beta_fallback: float = 0.99,
+                 backend: Optional[str] = None) -> None:
+        if not lam > 0:
+            raise ValueError(f"lam must be positive; got {lam}")
+        if not 0 < beta_fallback < 1:
+            raise ValueError(f"beta_fallback must be in (0, 1); got {beta_fallback}")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.lam = float(lam)
+        self.beta_fallback = float(beta_fallback)
+        self.backend = backend
+        super().__init__(model)
+
+    def update(self, fisher: Union["Fisher", Mapping[str, torch.Tensor]]) -> torch.Tensor:  # noqa: F821
+        """One PEMA step after ``optimizer.step()``: uses each tensor's ``.grad`` and its Fisher.
+
+        ``fisher`` is a :class:`mage_kernels.Fisher` or a ``{name: F}`` mapping
+        (``Fisher.values()``). Tensors without a gradient are left alone.
+        Returns this step's counts ``int64[2]`` (device tensor).
+        """
+        idx = self._active()
+        params = [self.params[i] for i in idx]
+        if isinstance(fisher, Mapping):
+            missing = [self.names[i] for i in idx if self.names[i] not in fisher]
+            if missing:
+                raise KeyError(f"no Fisher given for {missing[:5]}")
+            fishers = [fisher[self.names[i]] for i in idx]
+        elif hasattr(fisher, "for_parameters"):
+            fishers = fisher.for_parameters(params)
+        else:
+            raise TypeError(f"fisher must be a mage_kernels.Fisher or a mapping name -> tensor; got {type(fisher).__name__}")
+        ctx = use_backend(self.backend) if self.backend is not None else contextlib.nullcontext()
+        with ctx:
+            counts = pema_update_(params, [self.emas[i] for i in idx], [p.grad for p in params], fishers,
+                                  self.lam, self.beta_fallback)
+        self._record(counts, sum(p.numel() for p in params))
+        return counts
+
+
+class DEMA(_TaskEMA):
+    """The CIA baseline's layer-wise EMA (SPEC section 4): one scalar ``alpha`` per tensor.
+
+    Same interface as :class:`PEMA`; :meth:`update` ignores its ``fisher``
+    argument. Keeps ``theta*`` and ``g_prev`` (zeros at the task start, so the
+    first step uses ``c = |g|_1``). Counters count TENSORS here:
+    ``fallback_count`` (updates that used ``alpha_fallback``), ``nonfinite_count``
+    (updates whose ``a``, ``b`` or ``c`` was not finite; DEMA, as specified, does
+    not guard against them), ``last_alphas`` (float64, the last step's alphas).
+    """
+
+    def __init__(self, model: nn.Module, alpha_fallback: float = 0.01) -> None:
+        if not 0 < alpha_fallback < 1:
+            raise ValueError(f"alpha_fallback must be in (0, 1); got {alpha_fallback}")
+        self.alpha_fallback = float(alpha_fallback)
+        self.prev_grads: List[torch.Tensor] = []
+        self.last_alphas: Optional[torch.Tensor] = None
+        super().__init__(model)
+
+    def start_task(self) -> None:
+        self.prev_grads = []
+        super().start_task()
+        self.prev_grads = [torch.zeros_like(e) for e in self.emas]
+        self.last_alphas = None
+
+    def update(self, fisher: object = None) -> torch.Tensor:
+        """One DEMA step after ``optimizer.step()`` (uses ``.grad``); returns the alphas (float64, device)."""
+        idx = self._active()
+        if not idx:
+            return torch.zeros(0, dtype=torch.float64)
+        ps = [self.params[i].detach() for i in idx]
+        es = [self.emas[i] for i in idx]
+        gs = [self.params[i].grad.detach() for i in idx]
+        gps = [self.prev_grads[i] for i in idx]
+        with torch.no_grad():
+            a = torch.stack(torch._foreach_norm(torch._foreach_sub(ps, es), 1)).double()
+            b = torch.stack(torch._foreach_norm(gs, 1)).double()
+            c = torch.stack(torch._foreach_norm(torch._foreach_sub(gs, gps), 1)).double()
+            alpha = 2 * (1 + b) / (a * c)
+            ok = (alpha > 0) & (alpha < 1)
+            alpha = torch.where(ok, alpha, torch.full_like(alpha, self.alpha_fallback))
+            for i, (e, p) in enumerate(zip(es, ps)):
+                w = alpha[i].to(e.dtype)
+                e.mul_(1 - w).add_(p * w)
+            torch._foreach_copy_(gps, gs)
+            finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(c)
+            counts = torch.stack([(~ok).sum(), (~finite).sum()]).to(torch.int64)
+        self.last_alphas = alpha
+        self._record(counts, len(idx))
+        return alpha
+
+    def persistent_tensors(self) -> List[torch.Tensor]:
+        return list(self.emas) + list(self.prev_grads)
+
+    def state_dict(self) -> Dict[str, object]:
+        out = super().state_dict()
+        out["prev_grads"] = [g.detach().clone() for g in self.prev_grads]
+        return out
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        super().load_state_dict(state)
+        with torch.no_grad():
+            for g, v in zip(self.prev_grads, state["prev_grads"]):
+                g.copy_(v)

@@ -1,0 +1,309 @@
+"""Diagonal Fisher from per-sample squared gradients, accumulated inside the backward (SPEC section 2).
+
+For every trainable adapter tensor ``theta`` and the samples ``n`` seen since
+:meth:`Fisher.reset`::
+
+    F = (1 / num_samples) * sum_n (d loss_n / d theta) ** 2         (elementwise)
+
+where a sample is one sequence: the leading index of each :class:`MageLinear`'s
+input ``[N, T, d_in]`` (or ``[N, d_in]``). This is NOT the square of the batch
+gradient. The sums are formed by the ``mage::lora_linear`` backward kernel
+(``weight_grad_with_fisher``), which squares each sample's ``[r, d]`` gradient
+tile in registers and adds it into the layer's float32 buffers
+``fisher_a [R, d_in]`` / ``fisher_b [d_out, R]`` in place, without ever
+materializing the ``[N, r, d]`` per-sample gradients. Frozen adapters cost
+nothing and their rows stay zero.
+
+Usage (a training step with PEMA, or a whole task for EWC)::
+
+    fisher = mage_kernels.Fisher(model, loss_reduction="mean")
+    fisher.reset()
+    with fisher.token_weight(attention_mask):     # optional: padding adds nothing
+        loss = model(batch).loss
+    loss.backward()
+    F = fisher.values()                            # {param name: F}
+
+How the per-sample gradient is recovered from the batch backward: with
+``loss_reduction="mean"`` the loss is ``(1/N) sum_n loss_n``, so the gradient
+reaching a layer is ``1/N`` times the per-sample one and each layer's
+``fisher_scale`` is set to ``N / loss_scale`` by a forward pre-hook (``N`` =
+the leading dim of that layer's input); with ``"sum"`` it is ``1 / loss_scale``.
+``loss_scale`` is any extra factor the backward loss carries (an AMP
+``GradScaler`` scale, or ``1 / accumulation_steps``).
+
+Token weights: inside :meth:`Fisher.token_weight` each token's contribution
+to its sample's gradient is multiplied by its weight before squaring
+(``g_n = sum_t w_nt * g_nt``), so a 0 weight removes a padded token from the
+Fisher even when the loss did not mask it. The batch gradient is unchanged.
+For a model whose tokens do not interact (per-token layers) this is exactly
+the per-sample gradient of ``sum_{t: w=1} loss_nt``; when the loss already
+masks the padding, a 0/1 weight changes nothing. The weights are captured at
+the forward pass, so the context only needs to enclose the forward.
+
+Counting samples: ``num_samples`` grows by ``N`` once per forward of the model
+whose gradient actually reaches the layers in a backward (counted when the
+backward runs, so forward passes without backward do not count). A new forward
+starts when the model (the module given to :class:`Fisher`) is called, or when
+a layer runs a second time. Limitations: a layer applied twice within one
+forward (weight tying) would be treated as two forwards, and its per-use
+squares miss the cross terms; a backward through the same graph twice
+(``retain_graph``) adds the sums twice but counts once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .inject import mage_layers
+from .layer import MageLinear
+
+__all__ = ["Fisher"]
+
+_REDUCTIONS = ("mean", "sum")
+
+
+class Fisher:
+    """Enable per-sample squared-gradient accumulation on every :class:`MageLinear` of a model.
+
+    Args:
+        model: a :class:`MageLinear`, or any module containing them (e.g. after
+            :func:`mage_kernels.inject`; a DDP wrapper is fine).
+        loss_reduction: ``"mean"`` when the loss is the mean over the ``N``
+            samples of the batch, ``"sum"`` when it is their sum.
+        loss_scale: an extra constant the loss was multiplied by before
+            ``backward`` (``GradScaler`` scale, ``1 / accumulation_steps``).
+
+    The buffers are float32 (float64 for float64 adapters) and hold sums; they
+    live on the layers (``layer.fisher_a``, ``layer.fisher_b``) until
+    :meth:`remove`. Only one :class:`Fisher` can be attached to a layer.
+    """
+
+    def __init__(self, model: nn.Module, loss_reduction: str = "mean", loss_scale: float = 1.0) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Fisher expects an nn.Module; got {type(model).__name__}")
+        if loss_reduction not in _REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {_REDUCTIONS}; got {loss_reduction!r}")
+        if not (loss_scale > 0 and loss_scale != float("inf")):
+            raise ValueError(f"loss_scale must be a positive finite number; got {loss_scale}")
+        self.layers: List[Tuple[str, MageLinear]] = list(mage_layers(model))
+        if not self.layers:
+            raise ValueError("the model has no MageLinear layers; call mage_kernels.inject(model) first")
+        for name, layer in self.layers:
+            if layer.fisher_a is not None:
+                raise RuntimeError(f"layer {name or '<root>'} already accumulates a Fisher; call .remove() on the other Fisher first")
+        self.model = model
+        self.loss_reduction = loss_reduction
+        self.loss_scale = float(loss_scale)
+        self._count = 0
+        self._generation = 0
+        self._seen: set = set()
+        self._gen_samples: Dict[int, int] = {}
+        self._counted: set = set()
+        self._token_weight: Optional[torch.Tensor] = None
+        self._param_index: Dict[int, Tuple[MageLinear, str, int]] = {}
+        self._hooks = [model.register_forward_pre_hook(self._new_forward)]
+        for _, layer in self.layers:
+            a = layer.lora_A[0]
+            dt = torch.float64 if a.dtype == torch.float64 else torch.float32
+            rank = layer.r * layer.num_adapters
+            layer.fisher_a = torch.zeros(rank, layer.in_features, device=a.device, dtype=dt)
+            layer.fisher_b = torch.zeros(layer.out_features, rank, device=a.device, dtype=dt)
+            layer.fisher_scale = 1.0
+            layer.fisher_token_weight = None
+            self._hooks.append(layer.register_forward_pre_hook(self._layer_pre_hook))
+            self._hooks.append(layer.register_forward_hook(self._layer_post_hook))
+            for k in range(layer.num_adapters):
+                self._param_index[id(layer.lora_A[k])] = (layer, "a", k)
+                self._param_index[id(layer.lora_B[k])] = (layer, "b", k)
+
+    # ------------------------------------------------------------------ hooks
+
+    def _new_forward(self, module: nn.Module, args) -> None:
+        self._generation += 1
+        self._seen = set()
+        if len(self._gen_samples) > 64 or len(self._counted) > 64:  # forwards that never saw a backward
+            oldest = self._generation - 64
+            self._gen_samples = {g: n for g, n in self._gen_samples.items() if g >= oldest}
+            self._counted = {g for g in self._counted if g >= oldest}
+
+    def _layer_pre_hook(self, layer: MageLinear, args) -> None:
+        if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
+            return  # MageLinear's own input check raises the clear error
+        x = args[0]
+        if id(layer) in self._seen:  # the layer runs again: a new forward of (part of) the model
+            self._new_forward(layer, args)
+        self._seen.add(id(layer))
+        n = int(x.shape[0])
+        prev = self._gen_samples.get(self._generation)
+        if prev is not None and prev != n and torch.is_grad_enabled():
+            raise ValueError(
+                f"MageLinear inputs in one forward have different leading dims ({prev} vs {n}); Fisher needs every "
+                "layer's input to be [num_samples, ...] with the samples first"
+            )
+        if torch.is_grad_enabled():
+            self._gen_samples[self._generation] = n
+        scale = (n if self.loss_reduction == "mean" else 1.0) / self.loss_scale
+        layer.fisher_scale = float(scale)
+        a = layer.lora_A[0]
+        if layer.fisher_a.device != a.device:  # the model was moved after Fisher() was attached
+            layer.fisher_a = layer.fisher_a.to(a.device)
+            layer.fisher_b = layer.fisher_b.to(a.device)
+        w = self._token_weight
+        if w is None:
+            layer.fisher_token_weight = None
+            return
+        lead = tuple(x.shape[:-1])
+        if w.numel() != x.numel() // x.shape[-1] or (tuple(w.shape) != lead and not (x.dim() == 2 and w.numel() == n)):
+            raise ValueError(
+                f"token weight of shape {tuple(w.shape)} does not match the layer input's leading dims {lead} "
+                "(expected [num_samples, seq_len])"
+            )
+        layer.fisher_token_weight = w.to(device=x.device).reshape(lead)
+
+    def _layer_post_hook(self, layer: MageLinear, args, output) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        gen = self._generation
+        n = self._gen_samples.get(gen)
+        if n is None or gen in self._counted:
+            return
+
+        def count(grad: torch.Tensor) -> None:
+            if gen not in self._counted:
+                self._counted.add(gen)
+                self._count += n
+                self._gen_samples.pop(gen, None)
+
+        output.register_hook(count)
+
+    # ------------------------------------------------------------------ control
+
+    def reset(self) -> None:
+        """Zero the sums and the sample count (start of a step, or of a task for EWC)."""
+        for _, layer in self.layers:
+            self._check_attached(layer)
+            layer.fisher_a.zero_()
+            layer.fisher_b.zero_()
+        self._count = 0
+        self._counted = {g for g in self._counted if g >= self._generation}
+        self._gen_samples = {g: n for g, n in self._gen_samples.items() if g >= self._generation}
+
+    @contextlib.contextmanager
+    def token_weight(self, weight: torch.Tensor) -> Iterator[None]:
+        """Per-token weights ``[N, T]`` (0 = padding) for the forward passes inside the block.
+
+        A bool or integer attention mask is accepted and converted to float32.
+        """
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"token weight must be a tensor; got {type(weight).__name__}")
+        if weight.dim() not in (1, 2):
+            raise ValueError(f"token weight must be [num_samples, seq_len] (or [num_samples]); got shape {tuple(weight.shape)}")
+        w = weight.detach().to(torch.float32)
+        if not torch.isfinite(w).all():
+            raise ValueError("token weight holds non-finite values")
+        old = self._token_weight
+        self._token_weight = w
+        try:
+            yield
+        finally:
+            self._token_weight = old
+            for _, layer in self.layers:
+                layer.fisher_token_weight = None
+
+    @property
+    def num_samples(self) -> int:
+        """Samples whose squared gradients were accumulated since :meth:`reset`."""
+        return self._count
+
+    def sync(self) -> None:
+        """All-reduce (sum) the sums and the sample count across ranks.
+
+        A no-op unless ``torch.distributed`` is initialized. Call it once per
+        accumulation window (after the backward passes, before :meth:`values`);
+        calling it twice would count every rank's samples twice.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        bufs = [t for _, layer in self.layers for t in (self._check_attached(layer).fisher_a, layer.fisher_b)]
+        flat = torch.cat([b.reshape(-1).to(torch.float64) for b in bufs] +
+                         [torch.tensor([float(self._count)], dtype=torch.float64, device=bufs[0].device)])
+        dist.all_reduce(flat)
+        off = 0
+        for b in bufs:
+            b.copy_(flat[off: off + b.numel()].view_as(b))
+            off += b.numel()
+        self._count = int(round(float(flat[-1])))
+
+    def remove(self) -> None:
+        """Detach from the model: remove the hooks and free the buffers."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for _, layer in self.layers:
+            layer.fisher_a = None
+            layer.fisher_b = None
+            layer.fisher_scale = 1.0
+            layer.fisher_token_weight = None
+        self._param_index = {}
+
+    # ------------------------------------------------------------------ results
+
+    def _check_attached(self, layer: MageLinear) -> MageLinear:
+        if layer.fisher_a is None:
+            raise RuntimeError("this Fisher was removed (or its buffers were cleared); create a new one")
+        return layer
+
+    def _divisor(self) -> float:
+        if self._count <= 0:
+            raise RuntimeError(
+                "no samples accumulated since reset(): run a forward and a backward with gradients enabled first"
+            )
+        return float(self._count)
+
+    def _sum_view(self, layer: MageLinear, kind: str, k: int) -> torch.Tensor:
+        self._check_attached(layer)
+        rows = slice(k * layer.r, (k + 1) * layer.r)
+        return layer.fisher_a[rows] if kind == "a" else layer.fisher_b[:, rows]
+
+    def for_parameter(self, param: torch.Tensor) -> torch.Tensor:
+        """``F`` for one adapter parameter (``lora_A[k]`` or ``lora_B[k]`` of a tracked layer), shaped like it."""
+        where = self._param_index.get(id(param))
+        if where is None:
+            raise KeyError("the tensor is not an adapter parameter (lora_A[k] / lora_B[k]) of a layer this Fisher tracks")
+        return self._sum_view(*where) / self._divisor()
+
+    def for_parameters(self, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """:meth:`for_parameter` for many parameters at once (one multi-tensor division)."""
+        views = []
+        for p in params:
+            where = self._param_index.get(id(p))
+            if where is None:
+                raise KeyError("a tensor is not an adapter parameter of a layer this Fisher tracks")
+            views.append(self._sum_view(*where))
+        return list(torch._foreach_div(views, self._divisor())) if views else []
+
+    def values(self) -> Dict[str, torch.Tensor]:
+        """``{name: F}`` for every TRAINABLE adapter parameter, names as in ``model.named_parameters()``."""
+        div = self._divisor()
+        out: Dict[str, torch.Tensor] = {}
+        for name, layer in self.layers:
+            prefix = f"{name}." if name else ""
+            for k in range(layer.num_adapters):
+                for kind, plist in (("a", layer.lora_A), ("b", layer.lora_B)):
+                    if plist[k].requires_grad:
+                        out[f"{prefix}lora_{kind.upper()}.{k}"] = self._sum_view(layer, kind, k) / div
+        return out
+
+    def persistent_tensors(self) -> List[torch.Tensor]:
+        """The buffers this object keeps alive (for :func:`mage_kernels.persistent_state_bytes`)."""
+        return [t for _, layer in self.layers for t in (layer.fisher_a, layer.fisher_b) if t is not None]
+
+    def __repr__(self) -> str:
+        return (f"Fisher(layers={len(self.layers)}, loss_reduction={self.loss_reduction!r}, "
+                f"loss_scale={self.loss_scale:g}, num_samples={self._count})")
