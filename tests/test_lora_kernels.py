@@ -1,0 +1,194 @@
+"""Triton ``shrink`` and ``matmul_concat_k`` (mage_kernels/kernels/lora.py) against the reference.
+
+Run under ``TRITON_INTERPRET=1`` (tests/conftest.py). The reference is evaluated on
+float64 copies of the inputs, so the only error left is the kernel's own (fp32
+accumulation, output rounding). Shapes are ragged (not multiples of any block).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mage_kernels import reference
+from mage_kernels.kernels import lora
+
+# Max error allowed, relative to the largest reference entry: fp32 kernels land
+# near 1e-7; fp16 outputs are rounded to 11 bits (~5e-4 relative).
+REL_TOL = {torch.float32: 2e-6, torch.float16: 2e-3}
+DTYPES = [torch.float32, torch.float16]
+
+
+def assert_matches(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.dtype == dtype
+    assert out.shape == expected.shape
+    scale = expected.abs().max().item()
+    assert scale > 0, "the reference is all zeros: the test would prove nothing"
+    err = (out.double() - expected).abs().max().item()
+    assert err <= REL_TOL[dtype] * scale, f"max error {err:.3g} vs reference scale {scale:.3g}"
+
+
+def strided(shape, dtype, kind: str) -> torch.Tensor:
+    """A random ``shape`` tensor that is contiguous, a transposed view, or a column-strided slice."""
+    rows, cols = shape
+    if kind == "contiguous":
+        return torch.randn(rows, cols, dtype=dtype)
+    if kind == "transposed":
+        return torch.randn(cols, rows, dtype=dtype).t()
+    if kind == "sliced":
+        return torch.randn(rows, 2 * cols + 3, dtype=dtype)[:, 1 : 2 * cols + 1 : 2]
+    raise ValueError(kind)
+
+
+# ----------------------------------------------------------------------------- shrink
+
+SHRINK_SHAPES = [(37, 50, 12), (1, 16, 32), (70, 33, 3), (19, 200, 150)]  # (M, K, R); R=150 spans 2 R-tiles
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,r", SHRINK_SHAPES)
+@pytest.mark.parametrize("a_kind", ["contiguous", "transposed"])
+def test_shrink_matches_reference(dtype, m, k, r, a_kind):
+    x = torch.randn(m, k, dtype=dtype)
+    a = strided((r, k), dtype, a_kind)
+    out = lora.shrink(x, a, 0.75)
+    assert_matches(out, reference.shrink(x.double(), a.double(), 0.75), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shrink_non_contiguous_x_and_default_scale(dtype):
+    x = strided((23, 41), dtype, "sliced")
+    a = strided((9, 41), dtype, "sliced")
+    assert not x.is_contiguous() and not a.is_contiguous()
+    out = lora.shrink(x, a)
+    assert_matches(out, reference.shrink(x.double(), a.double()), dtype)
+
+
+def test_shrink_of_all_four_adapters_equals_per_adapter_shrinks():
+    """One launch over cat(A_0..A_3) gives each adapter's own u_k = x A_k^T side by side."""
+    x = torch.randn(29, 40)
+    adapters = [torch.randn(3, 40) for _ in range(4)]
+    u = lora.shrink(x, torch.cat(adapters, 0))
+    for k, a_k in enumerate(adapters):
+        expected = x.double() @ a_k.double().t()
+        err = (u[:, 3 * k : 3 * k + 3].double() - expected).abs().max().item()
+        assert err <= 2e-6 * expected.abs().max().item()
+
+
+def test_shrink_empty_batch_and_empty_k():
+    a = torch.randn(8, 5)
+    out = lora.shrink(torch.randn(0, 5), a)
+    assert out.shape == (0, 8)
+    out = lora.shrink(torch.randn(4, 0), torch.randn(8, 0))
+    assert torch.equal(out, torch.zeros(4, 8))
+
+
+# ----------------------------------------------------------------------------- matmul_concat_k
+
+CONCAT_SHAPES = [(37, 50, 29, 12), (1, 16, 64, 32), (45, 70, 33, 3)]  # (M, K1, N, K2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k1,n,k2", CONCAT_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul_concat_k_forward_layout(dtype, m, k1, n, k2, with_bias):
+    """The forward's ``[x | s u] @ [W0 | B]^T`` with the op's transposed-view operands."""
+    x = torch.randn(m, k1, dtype=dtype)
+    weight = torch.randn(n, k1, dtype=dtype)
+    u = torch.randn(m, k2, dtype=dtype)
+    lora_b = torch.randn(n, k2, dtype=dtype)
+    bias = torch.randn(n, dtype=dtype) if with_bias else None
+    out = lora.matmul_concat_k(x, weight.t(), u, lora_b.t(), 1.5, bias)
+    expected = reference.matmul_concat_k(
+        x.double(), weight.t().double(), u.double(), lora_b.t().double(), 1.5,
+        None if bias is None else bias.double(),
+    )
+    assert_matches(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_concat_k_input_grad_layout(dtype):
+    """The input gradient's ``[dY | s G] @ [W0 ; A]`` (contiguous b operands, strided a operands)."""
+    grad_y = strided((31, 27), dtype, "transposed")
+    weight = torch.randn(27, 45, dtype=dtype)
+    g = strided((31, 12), dtype, "sliced")
+    lora_a = torch.randn(12, 45, dtype=dtype)
+    out = lora.matmul_concat_k(grad_y, weight, g, lora_a, 0.5)
+    expected = reference.matmul_concat_k(grad_y.double(), weight.double(), g.double(), lora_a.double(), 0.5)
+    assert_matches(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul_concat_k_without_second_chunk(dtype, with_bias):
+    a1 = torch.randn(37, 50, dtype=dtype)
+    b1 = strided((50, 29), dtype, "transposed")
+    bias = torch.randn(29, dtype=dtype) if with_bias else None
+    out = lora.matmul_concat_k(a1, b1, bias=bias)
+    expected = reference.matmul_concat_k(a1.double(), b1.double(), bias=None if bias is None else bias.double())
+    assert_matches(out, expected, dtype)
+
+
+def test_matmul_concat_k_scale_applies_only_to_second_chunk():
+    a1, b1 = torch.randn(20, 17), torch.randn(17, 19)
+    a2, b2 = torch.randn(20, 5), torch.randn(5, 19)
+    base = lora.matmul_concat_k(a1, b1)
+    with_zero = lora.matmul_concat_k(a1, b1, a2, b2, 0.0)
+    torch.testing.assert_close(with_zero, base, rtol=0, atol=1e-6)
+    doubled = lora.matmul_concat_k(a1, b1, a2, b2, 2.0) - base
+    single = lora.matmul_concat_k(a1, b1, a2, b2, 1.0) - base
+    torch.testing.assert_close(doubled, 2 * single, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_concat_k_empty_batch():
+    out = lora.matmul_concat_k(torch.randn(0, 6), torch.randn(6, 7), torch.randn(0, 2), torch.randn(2, 7), 1.0,
+                               torch.randn(7))
+    assert out.shape == (0, 7)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_float64_is_rejected_with_a_clear_error():
+    x, a = torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        lora.shrink(x, a)
+    with pytest.raises(TypeError, match="float64"):
+        lora.matmul_concat_k(x, a.t())
+
+
+def test_mixed_dtypes_and_bad_shapes_are_rejected():
+    with pytest.raises(TypeError, match="cast them to one dtype"):
+        lora.shrink(torch.randn(4, 8), torch.randn(3, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="last dimensions must match"):
+        lora.shrink(torch.randn(4, 8), torch.randn(3, 7))
+    with pytest.raises(ValueError, match="inner dimensions"):
+        lora.matmul_concat_k(torch.randn(4, 8), torch.randn(7, 5))
+    with pytest.raises(ValueError, match="both a2 and b2"):
+        lora.matmul_concat_k(torch.randn(4, 8), torch.randn(8, 5), a2=torch.randn(4, 2))
+    with pytest.raises(ValueError, match="does not fit"):
+        lora.matmul_concat_k(torch.randn(4, 8), torch.randn(8, 5), torch.randn(4, 2), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="bias must be"):
+        lora.matmul_concat_k(torch.randn(4, 8), torch.randn(8, 5), bias=torch.randn(4))
+    with pytest.raises(ValueError, match="2-D"):
+        lora.shrink(torch.randn(2, 4, 8), torch.randn(3, 8))
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot is only meaningful on a GPU")
+def test_bf16_on_gpu():
+    dev = "cuda"
+    x = torch.randn(300, 257, device=dev, dtype=torch.bfloat16)
+    weight = torch.randn(129, 257, device=dev, dtype=torch.bfloat16)
+    lora_a = torch.randn(32, 257, device=dev, dtype=torch.bfloat16)
+    lora_b = torch.randn(129, 32, device=dev, dtype=torch.bfloat16)
+    bias = torch.randn(129, device=dev, dtype=torch.bfloat16)
+    u = lora.shrink(x, lora_a)
+    ref_u = reference.shrink(x.double(), lora_a.double())
+    assert (u.double() - ref_u).abs().max() <= 1e-2 * ref_u.abs().max()
+    y = lora.matmul_concat_k(x, weight.t(), u, lora_b.t(), 1.0, bias)
+    ref_y = reference.matmul_concat_k(x.double(), weight.t().double(), u.double(), lora_b.t().double(), 1.0,
+                                      bias.double())
+    assert (y.double() - ref_y).abs().max() <= 1e-2 * ref_y.abs().max()
