@@ -95,13 +95,16 @@ EDIT_OPS = {
     "turn it a quarter left.": lambda im, L: np.rot90(im),
 }
 
-#: Editing judge: largest mean absolute level difference (in levels) from the target that
-#: still counts as correct (calibrated in tests/test_digits_tasks.py: the exact target passes,
-#: the unedited input and other images of the same class fail for most examples).
-EDIT_MAX_MEAN_ABS_DIFF = 0.35
+#: Editing judge: largest mean absolute level difference from the target (levels 0..4, mean
+#: over the 64 pixels) that still counts as correct, i.e. a total L1 error of 16 levels.
+#: Calibrated on the seed-0 test images (5 levels): the exact target (0) and the target with
+#: 16 pixels off by one level (0.16) pass; the unedited input passes for 0-2% of examples
+#: (only near-symmetric digits under a flip), a random test image for 0%, the same edit of
+#: another image of the same class for 1-6%. tests/test_digits_tasks.py re-checks this.
+EDIT_MAX_MEAN_ABS_DIFF = 0.25
 
 #: Generation judge: a generated image needs at least this many non-zero pixels to count as
-#: a drawing (the sparsest real digit has about 17 at 5 levels; a blank image is not a digit).
+#: a drawing (the sparsest of the 1797 real digits has 16 at 5 levels; blank is not a digit).
 GENERATION_MIN_INK = 8
 
 
