@@ -159,7 +159,8 @@ def _lora_linear_backward_op(
             dx = prim.matmul_concat_k(grad_y, weight, g, lora_a, scaling)
     d_a = torch.zeros_like(lora_a)
     d_b = torch.zeros_like(lora_b)
-    for start, stop in runs:
+    # An empty batch has zero gradients and adds nothing to the Fisher (and has no samples to split).
+    for start, stop in runs if grad_y.shape[0] else []:
         d_a[start:stop] = prim.weight_grad_with_fisher(
             g[:, start:stop], x_lora, num_samples, scaling,
             None if fisher_a is None else fisher_a[start:stop], token_weight, fisher_scale,

@@ -1,0 +1,386 @@
+"""The full ``mage::lora_linear`` op and ``MageLinear`` on the triton and torch backends.
+
+Everything is compared with autograd of ``reference.lora_linear`` evaluated in
+float64 (SPEC section 1): y, dx, dA_k, dB_k for every trainable-adapter mask of
+the SPEC's table, all-trainable and none-trainable, with and without a separate
+dropout input and a bias. Frozen adapters must get no gradient at all. The
+Fisher buffers the op fills in its backward are compared with per-sample
+gradients from ``torch.func.vmap(torch.func.grad(...))`` (SPEC section 2).
+The triton backend runs in Triton's CPU interpreter (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional, Sequence
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mage_kernels
+from mage_kernels import MageLinear, reference
+from mage_kernels.kernels import weight_grad  # noqa: F401  (registers mage::weight_grad_with_fisher)
+from mage_kernels.lora_op import lora_linear
+
+BACKENDS = ["triton", "torch"]
+# The SPEC's table, then all and none.
+MASKS = [(0, 1, 2), (0, 3), (0, 1, 3), (0, 1, 2, 3), ()]
+REL_TOL = 2e-5  # fp32 op vs float64 reference, relative to the largest reference entry
+
+# Ragged sizes: 3 samples x 5 tokens, d_in 50, d_out 29, rank 3 per adapter.
+NUM_SAMPLES, TOKENS, D_IN, D_OUT, RANK, NUM_ADAPTERS = 3, 5, 50, 29, 3, 4
+SCALING = 1.5
+DROP_P = 0.25
+
+
+def assert_close_rel(out: torch.Tensor, expected: torch.Tensor, rel: float = REL_TOL) -> None:
+    assert out.shape == expected.shape
+    scale = expected.abs().max().item()
+    assert scale > 0, "the reference is all zeros: the test would prove nothing"
+    err = (out.double() - expected).abs().max().item()
+    assert err <= rel * scale, f"max error {err:.3g} vs reference scale {scale:.3g}"
+
+
+def rows_of(adapters: Sequence[int], r: int = RANK) -> List[int]:
+    return [k * r + i for k in adapters for i in range(r)]
+
+
+class Problem:
+    """Fresh random weights of one layer: W0, bias, four A_k, four B_k (B_k random, not zero)."""
+
+    def __init__(self, with_bias: bool, dtype=torch.float32):
+        self.weight = torch.randn(D_OUT, D_IN, dtype=dtype) / D_IN**0.5
+        self.bias = torch.randn(D_OUT, dtype=dtype) if with_bias else None
+        self.a = [torch.randn(RANK, D_IN, dtype=dtype) / D_IN**0.5 for _ in range(NUM_ADAPTERS)]
+        self.b = [torch.randn(D_OUT, RANK, dtype=dtype) / RANK**0.5 for _ in range(NUM_ADAPTERS)]
+        self.x = torch.randn(NUM_SAMPLES, TOKENS, D_IN, dtype=dtype)
+        self.grad_y = torch.randn(NUM_SAMPLES, TOKENS, D_OUT, dtype=dtype)
+        self.keep = (torch.rand(NUM_SAMPLES, TOKENS, D_IN) > DROP_P).to(dtype) / (1 - DROP_P)
+
+    def reference_grads(self, dropout: bool) -> Dict[str, object]:
+        """y and gradients of every input by autograd of the float64 reference."""
+        x = self.x.double().requires_grad_()
+        a = [t.double().requires_grad_() for t in self.a]
+        b = [t.double().requires_grad_() for t in self.b]
+        x_lora = x * self.keep.double() if dropout else None
+        y = reference.lora_linear(
+            x, self.weight.double(), None if self.bias is None else self.bias.double(),
+            torch.cat(a, 0), torch.cat(b, 1), SCALING, x_lora,
+        )
+        y.backward(self.grad_y.double())
+        return {"y": y.detach(), "dx": x.grad, "da": [t.grad for t in a], "db": [t.grad for t in b]}
+
+    def run_op(self, trainable: Sequence[int], dropout: bool, **fisher) -> Dict[str, object]:
+        x = self.x.clone().requires_grad_()
+        a = [t.clone().requires_grad_(k in trainable) for k, t in enumerate(self.a)]
+        b = [t.clone().requires_grad_(k in trainable) for k, t in enumerate(self.b)]
+        x_lora = x * self.keep if dropout else None
+        y = lora_linear(
+            x, self.weight, self.bias, torch.cat(a, 0), torch.cat(b, 1), SCALING,
+            x_lora=x_lora, trainable_rows=rows_of(trainable), **fisher,
+        )
+        y.backward(self.grad_y)
+        return {"y": y.detach(), "dx": x.grad, "da": [t.grad for t in a], "db": [t.grad for t in b]}
+
+
+def check_against_reference(got, expected, trainable) -> None:
+    assert_close_rel(got["y"], expected["y"])
+    assert_close_rel(got["dx"], expected["dx"])
+    for k in range(NUM_ADAPTERS):
+        if k in trainable:
+            assert_close_rel(got["da"][k], expected["da"][k])
+            assert_close_rel(got["db"][k], expected["db"][k])
+        else:
+            assert got["da"][k] is None and got["db"][k] is None, f"frozen adapter {k} received a gradient"
+
+
+# ----------------------------------------------------------------------------- the op, every mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("trainable", MASKS, ids=lambda m: "adapters" + "".join(map(str, m)) if m else "frozen")
+@pytest.mark.parametrize("dropout", [False, True], ids=["no_dropout", "dropout"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_op_matches_float64_reference(backend, trainable, dropout, with_bias):
+    problem = Problem(with_bias)
+    with mage_kernels.use_backend(backend):
+        got = problem.run_op(trainable, dropout)
+    check_against_reference(got, problem.reference_grads(dropout), trainable)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_op_float16(backend):
+    problem = Problem(True, dtype=torch.float16)
+    with mage_kernels.use_backend(backend):
+        got = problem.run_op((0, 1, 3), dropout=True)
+    expected = problem.reference_grads(dropout=True)
+    for key in ("y", "dx"):
+        assert got[key].dtype == torch.float16
+        assert_close_rel(got[key], expected[key], 5e-3)
+    for k in (0, 1, 3):
+        assert_close_rel(got["da"][k], expected["da"][k], 5e-3)
+        assert_close_rel(got["db"][k], expected["db"][k], 5e-3)
+    assert got["da"][2] is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend):
+    problem = Problem(True)
+    x_t = problem.x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
+    assert not x_t.is_contiguous()
+    problem.x = x_t
+    with mage_kernels.use_backend(backend):
+        got = problem.run_op((0, 3), dropout=False)
+    check_against_reference(got, problem.reference_grads(False), (0, 3))
+
+
+def test_triton_backend_rejects_float64_clearly():
+    problem = Problem(True, dtype=torch.float64)
+    with mage_kernels.use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        problem.run_op((0,), dropout=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    problem = Problem(True)
+    x = torch.randn(0, TOKENS, D_IN, requires_grad=True)
+    a = torch.cat(problem.a, 0).requires_grad_()
+    b = torch.cat(problem.b, 1).requires_grad_()
+    fisher_a, fisher_b = torch.rand(a.shape), torch.rand(b.shape)
+    before = fisher_a.clone(), fisher_b.clone()
+    with mage_kernels.use_backend(backend):
+        y = lora_linear(x, problem.weight, problem.bias, a, b, SCALING, fisher_a=fisher_a, fisher_b=fisher_b)
+        y.sum().backward()
+    assert y.shape == (0, TOKENS, D_OUT)
+    assert x.grad.shape == x.shape
+    assert torch.equal(a.grad, torch.zeros_like(a)) and torch.equal(b.grad, torch.zeros_like(b))
+    assert torch.equal(fisher_a, before[0]) and torch.equal(fisher_b, before[1])
+
+
+# ----------------------------------------------------------------------------- Fisher through the op
+
+
+def per_sample_fisher_by_vmap(problem: Problem, dropout: bool, token_weight: Optional[torch.Tensor]):
+    """sum_n (d loss_n / dA)^2 and (d loss_n / dB)^2 with loss_n = sum_t w_t <y_nt, dY_nt> (float64)."""
+    w = torch.ones(NUM_SAMPLES, TOKENS) if token_weight is None else token_weight
+    x = problem.x.double()
+    x_lora = x * problem.keep.double() if dropout else x
+    a, b = torch.cat(problem.a, 0).double(), torch.cat(problem.b, 1).double()
+    bias = None if problem.bias is None else problem.bias.double()
+
+    def loss(a_, b_, x_n, xl_n, gy_n, w_n):
+        y = reference.lora_linear(x_n, problem.weight.double(), bias, a_, b_, SCALING, xl_n)
+        return (y * gy_n * w_n[:, None]).sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0, 0, 0, 0))(
+        a, b, x, x_lora, problem.grad_y.double(), w.double()
+    )
+    return grads[0].pow(2).sum(0), grads[1].pow(2).sum(0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding", [False, True])
+def test_fisher_through_the_op_matches_vmap_per_sample_gradients(backend, padding):
+    problem = Problem(True)
+    trainable = (0, 1, 3)
+    token_weight = None
+    if padding:
+        token_weight = torch.ones(NUM_SAMPLES, TOKENS)
+        token_weight[:, -2:] = 0.0
+    fisher_a = torch.rand(NUM_ADAPTERS * RANK, D_IN)
+    fisher_b = torch.rand(D_OUT, NUM_ADAPTERS * RANK)
+    start_a, start_b = fisher_a.clone(), fisher_b.clone()
+    with mage_kernels.use_backend(backend):
+        got = problem.run_op(trainable, True, fisher_a=fisher_a, fisher_b=fisher_b, token_weight=token_weight)
+    # The batch gradient is unaffected by the Fisher and its token weights.
+    check_against_reference(got, problem.reference_grads(True), trainable)
+
+    exp_a, exp_b = per_sample_fisher_by_vmap(problem, True, token_weight)
+    rows = rows_of(trainable)
+    frozen = [i for i in range(NUM_ADAPTERS * RANK) if i not in rows]
+    assert_close_rel(fisher_a[rows] - start_a[rows], exp_a[rows])
+    assert_close_rel(fisher_b[:, rows] - start_b[:, rows], exp_b[:, rows])
+    assert torch.equal(fisher_a[frozen], start_a[frozen]), "Fisher rows of frozen adapters changed"
+    assert torch.equal(fisher_b[:, frozen], start_b[:, frozen])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fisher_accumulates_over_micro_batches_like_the_reference(backend):
+    first, second = Problem(False), Problem(False)
+    second.weight, second.a, second.b = first.weight, first.a, first.b  # the same layer, new data
+    fisher_a = torch.zeros(NUM_ADAPTERS * RANK, D_IN)
+    fisher_b = torch.zeros(D_OUT, NUM_ADAPTERS * RANK)
+    with mage_kernels.use_backend(backend):
+        for p in (first, second):
+            p.run_op((0, 3), False, fisher_a=fisher_a, fisher_b=fisher_b, fisher_scale=2.0)
+    ref_a = torch.zeros_like(fisher_a, dtype=torch.float64)
+    ref_b = torch.zeros_like(fisher_b, dtype=torch.float64)
+    a, b = torch.cat(first.a, 0).double(), torch.cat(first.b, 1).double()
+    rows = rows_of((0, 3))
+    for p in (first, second):
+        x = p.x.double().reshape(-1, D_IN)
+        gy = p.grad_y.double().reshape(-1, D_OUT)
+        g = gy @ b
+        fa = ref_a[rows]  # a copy (advanced indexing); frozen rows stay zero
+        reference.weight_grad_with_fisher(g[:, rows], x, NUM_SAMPLES, SCALING, fa, None, 2.0)
+        ref_a[rows] = fa
+        fb = ref_b[:, rows]
+        reference.weight_grad_with_fisher(gy, (x @ a.t())[:, rows], NUM_SAMPLES, SCALING, fb, None, 2.0)
+        ref_b[:, rows] = fb
+    assert_close_rel(fisher_a, ref_a)
+    assert_close_rel(fisher_b, ref_b)
+
+
+# ----------------------------------------------------------------------------- MageLinear
+
+
+def make_layer(trainable: Sequence[int], dropout: float = 0.0, bias: bool = True) -> MageLinear:
+    layer = MageLinear(D_IN, D_OUT, r=RANK, alpha=SCALING * NUM_ADAPTERS * RANK, dropout=dropout, bias=bias)
+    with torch.no_grad():
+        for b in layer.lora_B:
+            b.normal_()  # B = 0 at init would make every dA zero and the tests blind
+    layer.set_trainable(trainable)
+    return layer
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mage_linear_with_dropout_matches_reference(backend):
+    layer = make_layer((0, 1, 2), dropout=DROP_P).train()
+    x = torch.randn(NUM_SAMPLES, TOKENS, D_IN, requires_grad=True)
+    grad_y = torch.randn(NUM_SAMPLES, TOKENS, D_OUT)
+    torch.manual_seed(99)
+    with mage_kernels.use_backend(backend):
+        y = layer(x)
+        y.backward(grad_y)
+    torch.manual_seed(99)  # replay the layer's dropout draw: one mask shared by all adapters
+    keep = (F.dropout(torch.ones_like(x), DROP_P, training=True) != 0).double() / (1 - DROP_P)
+
+    xd = x.detach().double().requires_grad_()
+    a = [p.detach().double().requires_grad_() for p in layer.lora_A]
+    b = [p.detach().double().requires_grad_() for p in layer.lora_B]
+    y_ref = reference.lora_linear(xd, layer.base.weight.double(), layer.base.bias.double(), torch.cat(a, 0),
+                                  torch.cat(b, 1), layer.scaling, xd * keep)
+    y_ref.backward(grad_y.double())
+    assert_close_rel(y.detach(), y_ref.detach())
+    assert_close_rel(x.grad, xd.grad)
+    for k in range(NUM_ADAPTERS):
+        if k in (0, 1, 2):
+            assert_close_rel(layer.lora_A[k].grad, a[k].grad)
+            assert_close_rel(layer.lora_B[k].grad, b[k].grad)
+        else:
+            assert layer.lora_A[k].grad is None and layer.lora_B[k].grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_frozen_adapters_keep_their_values_after_an_optimizer_step(backend, optimizer):
+    layer = make_layer((0, 3), dropout=0.1).train()
+    before = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    params = list(layer.parameters())  # all of them: the optimizer must skip the grad-less ones
+    opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1) if optimizer == "sgd"
+           else torch.optim.AdamW(params, lr=0.1, weight_decay=0.1))
+    x = torch.randn(NUM_SAMPLES, TOKENS, D_IN)
+    with mage_kernels.use_backend(backend):
+        for _ in range(2):
+            opt.zero_grad()
+            layer(x).pow(2).mean().backward()
+            opt.step()
+    for name, p in layer.named_parameters():
+        trained = name.startswith(("lora_A.0", "lora_B.0", "lora_A.3", "lora_B.3"))
+        if trained:
+            assert not torch.equal(p, before[name]), f"{name} should have been updated"
+        else:
+            assert p.grad is None, f"{name} is frozen but has a gradient"
+            assert torch.equal(p, before[name]), f"frozen {name} changed"
+
+
+def test_gradcheck_torch_backend():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    keep = (torch.rand(2, 3, 7) > 0.3).double()
+    weight = torch.randn(5, 7, dtype=torch.float64)
+    bias = torch.randn(5, dtype=torch.float64)
+    a = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    with mage_kernels.use_backend("torch"):
+        assert torch.autograd.gradcheck(
+            lambda x_, a_, b_: lora_linear(x_, weight, bias, a_, b_, 0.7, x_lora=x_ * keep), (x, a, b)
+        )
+        assert torch.autograd.gradcheck(lambda x_, a_, b_: lora_linear(x_, weight, None, a_, b_, 0.7), (x, a, b))
+
+
+# ----------------------------------------------------------------------------- torch.compile / opcheck
+
+
+def _train_step(layer: MageLinear, x: torch.Tensor, fn) -> Dict[str, torch.Tensor]:
+    layer.zero_grad(set_to_none=True)
+    xx = x.clone().requires_grad_()
+    y = fn(xx)
+    y.pow(2).sum().backward()
+    out = {"y": y.detach(), "dx": xx.grad}
+    for name, p in layer.named_parameters():
+        if p.grad is not None:
+            out[name] = p.grad.clone()
+    return out
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_matches_eager(compile_backend):
+    layer = make_layer((0, 1, 3), dropout=0.0)
+    x = torch.randn(NUM_SAMPLES, TOKENS, D_IN)
+    torch._dynamo.reset()
+    with mage_kernels.use_backend("torch"):
+        eager = _train_step(layer, x, layer)
+        compiled_layer = torch.compile(layer, backend=compile_backend, fullgraph=True)
+        start = time.perf_counter()
+        compiled = _train_step(layer, x, compiled_layer)
+        elapsed = time.perf_counter() - start
+    assert set(compiled) == set(eager) and {"lora_A.2", "lora_B.2"}.isdisjoint(eager)
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-5, atol=1e-6)
+    print(f"torch.compile({compile_backend}) first forward+backward: {elapsed:.1f}s")
+
+
+def _op_args(with_fisher: bool):
+    m, k, n, r = 6, 9, 7, 8
+    x = torch.randn(m, k, requires_grad=True)
+    x_lora = torch.randn(m, k, requires_grad=True)
+    weight, bias = torch.randn(n, k), torch.randn(n)
+    a = torch.randn(r, k, requires_grad=True)
+    b = torch.randn(n, r, requires_grad=True)
+    fa = torch.zeros(r, k) if with_fisher else None
+    fb = torch.zeros(n, r) if with_fisher else None
+    tw = torch.ones(m) if with_fisher else None
+    return (x, weight, bias, a, b, 0.5, x_lora, [0, 1, 5, 6], fa, fb, tw, 2, 1.0)
+
+
+@pytest.mark.parametrize("with_fisher", [False, True])
+def test_opcheck_lora_linear(with_fisher):
+    with mage_kernels.use_backend("torch"):
+        torch.library.opcheck(torch.ops.mage.lora_linear.default, _op_args(with_fisher))
+
+
+def test_opcheck_lora_linear_backward():
+    m, k, n, r = 6, 9, 7, 8
+    args = (torch.randn(m, n), torch.randn(m, k), torch.randn(n, k), torch.randn(r, k), torch.randn(n, r),
+            torch.randn(m, r), 0.5, [0, 1, 5], True, True, torch.zeros(r, k), torch.zeros(n, r), None, 3, 1.0)
+    with mage_kernels.use_backend("torch"):
+        torch.library.opcheck(torch.ops.mage.lora_linear_backward.default, args)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_autocast_matches_reference(dtype):
+    layer = make_layer((0, 1, 2)).cuda()
+    x = torch.randn(4, 64, D_IN, device="cuda", requires_grad=True)
+    with mage_kernels.use_backend("triton"), torch.autocast("cuda", dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype
+    y_ref = reference.lora_linear(x.double(), layer.base.weight.double(), layer.base.bias.double(),
+                                  torch.cat(list(layer.lora_A), 0).double(), torch.cat(list(layer.lora_B), 1).double(),
+                                  layer.scaling)
+    assert (y.double() - y_ref).abs().max() <= 2e-2 * y_ref.abs().max()
