@@ -268,3 +268,19 @@ def test_judge_classifier_is_accurate_cached_and_train_only():
 def test_describe_example(tasks):
     text = describe_example(tasks["editing"], tasks["editing"].test[0], V)
     assert "<image 64 px>" in text and text.count("\n") >= 9  # prompt, target and an 8-row picture
+
+
+def test_error_type_helpers():
+    from mage_cl.error_types import is_number, is_repetition_loop, type_text_answer
+
+    assert parse_bbox("[0.25,0.50,0.75,1.00]") == (0.25, 0.5, 0.75, 1.0)
+    assert parse_bbox(" [ 0.1 , 0.2,0.3, 0.4 ] ") == (0.1, 0.2, 0.3, 0.4)
+    assert parse_bbox("[0.1,0.2,0.3]") is None and parse_bbox("0.1,0.2,0.3,0.4") is None
+    assert box_iou((0, 0, 1, 1), (0, 0, 1, 1)) == 1.0
+    assert box_iou((0, 0, 2, 1), (1, 0, 3, 1)) == pytest.approx(1 / 3)
+    assert box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0 and box_iou((1, 1, 0, 0), (0, 0, 1, 1)) == 0.0
+    assert is_number("10") and is_number("-3") and not is_number("1o") and not is_number("")
+    assert is_repetition_loop("yesyesyesyes") and is_repetition_loop("77777777") and is_repetition_loop("abababab")
+    assert not is_repetition_loop("100") and not is_repetition_loop("seven") and not is_repetition_loop("111")
+    assert type_text_answer("  ", is_number) == "OTH"
+    assert type_text_answer("five", is_number) == "IUF" and type_text_answer("5", is_number) == "HAL"

@@ -182,3 +182,17 @@ def test_bad_bbox_and_missing_file(tmp_path, vqa_files):
 def test_normalize_answer():
     assert normalize_answer("  The Recreational-Vehicle. ") == "recreational vehicle"
     assert normalize_answer("3.5") == "3.5" and normalize_answer("Mom\u2019s Family") == "mom s family"
+
+
+class HFLikeTokenizer(CharTokenizer):
+    """Renders special tokens as text unless asked not to, like a Hugging Face tokenizer."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        names = {1: "<s>", 2: "</s>"}
+        return "".join(("" if skip_special_tokens else names[i]) if i in names else chr(i - 3) for i in ids)
+
+
+def test_judge_skips_special_tokens_of_hf_tokenizers(vqa_files):
+    tok = HFLikeTokenizer()
+    task = load_task("vqa", *vqa_files, tokenizer=tok)
+    assert task.judge([tok.bos_token_id] + tok.encode("down", add_special_tokens=False), task.test[0]).correct

@@ -29,9 +29,8 @@ normalization (lowercase, punctuation and articles removed, whitespace collapsed
 VQAv2 / ImageNet / OCRVQA; IoU > 0.5 with ``"answer bbox"`` for RefCOCO. A wrong answer is IUF
 when it has the wrong form (not yes/no for a yes/no answer, no number -- digits or a number
 word -- for a numeric answer, no box for a box, an over-long phrase for a short-answer
-question), OTH when empty or a
-repetition loop, HAL otherwise. The paper types errors with a VLM; these rules are the
-documented, deterministic stand-in.
+question), OTH when empty or a repetition loop, HAL otherwise. The paper types errors with
+a VLM; these rules are the documented, deterministic stand-in.
 """
 
 from __future__ import annotations
@@ -111,7 +110,12 @@ class RealTextJudge:
         self.min_iou = min_iou
 
     def __call__(self, generated: List[int], example: Example) -> Verdict:
-        text = self.tokenizer.decode([int(t) for t in generated]).strip()
+        ids = [int(t) for t in generated]
+        try:  # a Hugging Face tokenizer would otherwise render pad/bos tokens as text
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)  # type: ignore[call-arg]
+        except TypeError:
+            text = self.tokenizer.decode(ids)
+        text = text.strip()
         answers = list(example.meta["answers"])  # type: ignore[arg-type]
         if self.task == "grounding":
             box = parse_bbox(text)
