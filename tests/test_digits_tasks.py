@@ -284,3 +284,12 @@ def test_error_type_helpers():
     assert not is_repetition_loop("100") and not is_repetition_loop("seven") and not is_repetition_loop("111")
     assert type_text_answer("  ", is_number) == "OTH"
     assert type_text_answer("five", is_number) == "IUF" and type_text_answer("5", is_number) == "HAL"
+
+
+def test_error_rates_partition_the_test_set():
+    from mage_cl.error_types import error_rates
+
+    r = error_rates([None, "IUF", "HAL", "HAL", None, "OTH", None, None])
+    assert r == {"ACC": 50.0, "IUF": 12.5, "HAL": 25.0, "OTH": 12.5}
+    with pytest.raises(ValueError, match="no verdicts"):
+        error_rates([])
