@@ -163,6 +163,7 @@ def dema_update_(
     """
     alphas = []
     for p, e, g, gp in zip(params, emas, grads, prev_grads):
+        p, g = p.detach(), g.detach()
         a = (p.double() - e.double()).abs().sum()
         b = g.double().abs().sum()
         c = (g.double() - gp.double()).abs().sum()
