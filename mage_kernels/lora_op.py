@@ -61,31 +61,24 @@ class _Primitives:
 
 def primitives(device: torch.device) -> _Primitives:
     """The primitives of the backend that :func:`~mage_kernels.backend.resolve_backend` picks."""
-    name = resolve_backend(device, "lora_linear")
+    # The CUDA extension implements the weight-gradient primitive (not the GEMMs):
+    # resolve for that op, so backend "cuda" uses it and runs the rest on Triton.
+    name = resolve_backend(device, "weight_grad_with_fisher")
     if name == "torch":
         return _TORCH
-    if name == "cuda":
-        from . import cuda_extension  # noqa: F401  (ops registered on import)
-
-        ns = torch.ops.mage_cuda
-        return _Primitives(
-            reference.shrink if not hasattr(ns, "shrink") else ns.shrink,
-            reference.matmul_concat_k,
-            ns.weight_grad_with_fisher if hasattr(ns, "weight_grad_with_fisher") else _triton_wgf(),
-        )
     from .kernels import lora as tk
     from .kernels import weight_grad as tw
+
+    if name == "cuda":
+        from . import cuda_extension
+
+        cuda_extension.load()  # registers torch.ops.mage_cuda.*
+        return _Primitives(tk.shrink, tk.matmul_concat_k, torch.ops.mage_cuda.weight_grad_with_fisher)
 
     return _Primitives(tk.shrink, tk.matmul_concat_k, tw.weight_grad_with_fisher)
 
 
 _TORCH = _Primitives(reference.shrink, reference.matmul_concat_k, reference.weight_grad_with_fisher)
-
-
-def _triton_wgf():
-    from .kernels import weight_grad as tw
-
-    return tw.weight_grad_with_fisher
 
 
 # ----------------------------------------------------------------------------- forward
