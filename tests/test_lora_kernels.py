@@ -83,6 +83,13 @@ def test_shrink_empty_batch_and_empty_k():
     assert torch.equal(out, torch.zeros(4, 8))
 
 
+def test_shrink_gpu_tile_sizes_in_the_interpreter(monkeypatch):
+    """The block sizes the GPU path picks (bigger than the interpreter's) are correct too."""
+    monkeypatch.setattr(lora, "triton_interpreter", lambda: False)
+    x, a = torch.randn(70, 130), torch.randn(40, 130)
+    assert_matches(lora.shrink(x, a, 2.0), reference.shrink(x.double(), a.double(), 2.0), torch.float32)
+
+
 # ----------------------------------------------------------------------------- matmul_concat_k
 
 CONCAT_SHAPES = [(37, 50, 29, 12), (1, 16, 64, 32), (45, 70, 33, 3)]  # (M, K1, N, K2)
@@ -138,6 +145,20 @@ def test_matmul_concat_k_scale_applies_only_to_second_chunk():
     doubled = lora.matmul_concat_k(a1, b1, a2, b2, 2.0) - base
     single = lora.matmul_concat_k(a1, b1, a2, b2, 1.0) - base
     torch.testing.assert_close(doubled, 2 * single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config_index", [0, 1])  # 128x256x64 and 128x128x64
+def test_matmul_concat_k_gpu_tile_sizes_in_the_interpreter(monkeypatch, config_index):
+    """The H100 autotune tiles are correct too (one config at a time: no timing in the interpreter)."""
+    monkeypatch.setattr(lora, "triton_interpreter", lambda: False)
+    config = lora._concat_k_configs()[config_index]
+    monkeypatch.setattr(lora._matmul_concat_k_kernel, "configs", [config])
+    x, weight = torch.randn(131, 70), torch.randn(270, 70)
+    u, lora_b, bias = torch.randn(131, 24), torch.randn(270, 24), torch.randn(270)
+    out = lora.matmul_concat_k(x, weight.t(), u, lora_b.t(), 0.5, bias)
+    expected = reference.matmul_concat_k(x.double(), weight.t().double(), u.double(), lora_b.t().double(), 0.5,
+                                         bias.double())
+    assert_matches(out, expected, torch.float32)
 
 
 def test_matmul_concat_k_empty_batch():

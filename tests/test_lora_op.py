@@ -135,6 +135,26 @@ def test_non_contiguous_input(backend):
     check_against_reference(got, problem.reference_grads(False), (0, 3))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dropout", [False, True], ids=["no_dropout", "dropout"])
+def test_adapters_only_without_base_weight(backend, dropout):
+    """weight=None (a quantized base adds its own output): y and grads of the adapters' part alone."""
+    problem = Problem(True)
+    problem.weight = torch.zeros(D_OUT, D_IN)  # the reference's view of "no base weight"
+    x = problem.x.clone().requires_grad_()
+    a = torch.cat(problem.a, 0).requires_grad_()
+    b = torch.cat(problem.b, 1).requires_grad_()
+    x_lora = x * problem.keep if dropout else None
+    with mage_kernels.use_backend(backend):
+        y = lora_linear(x, None, problem.bias, a, b, SCALING, x_lora=x_lora)
+        y.backward(problem.grad_y)
+    expected = problem.reference_grads(dropout)
+    assert_close_rel(y.detach(), expected["y"])
+    assert_close_rel(x.grad, expected["dx"])
+    assert_close_rel(a.grad, torch.cat(expected["da"], 0))
+    assert_close_rel(b.grad, torch.cat(expected["db"], 1))
+
+
 def test_triton_backend_rejects_float64_clearly():
     problem = Problem(True, dtype=torch.float64)
     with mage_kernels.use_backend("triton"), pytest.raises(TypeError, match="float64"):

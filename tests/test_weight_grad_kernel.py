@@ -240,3 +240,16 @@ def test_gpu_large_against_reference(dtype):
     ref_grad = reference.weight_grad_with_fisher(g.double(), x.double(), n, 1.0, ref_fisher)
     assert (grad.double() - ref_grad).abs().max() <= 1e-2 * ref_grad.abs().max()
     assert (fisher.double() - ref_fisher).abs().max() <= 1e-4 * ref_fisher.abs().max()
+
+
+@pytest.mark.parametrize("with_fisher", [False, True])
+def test_gpu_tile_sizes_in_the_interpreter(monkeypatch, with_fisher):
+    """The block sizes the GPU path picks (bigger than the interpreter's) are correct too."""
+    monkeypatch.setattr(wg, "triton_interpreter", lambda: False)
+    g, x, w = make_inputs(3, 41, 37, 150, torch.float32, True)
+    fisher = torch.zeros(37, 150) if with_fisher else None
+    grad = wg.weight_grad_with_fisher(g, x, 3, 0.5, fisher, w if with_fisher else None)
+    bf_grad, bf_fisher = brute_force(g, x, 3, 0.5, w)
+    assert_close_rel(grad, bf_grad, 2e-6)
+    if with_fisher:
+        assert_close_rel(fisher, bf_fisher, 5e-6)

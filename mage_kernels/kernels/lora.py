@@ -26,6 +26,7 @@ same-named functions in :mod:`mage_kernels.reference`.
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional
 
 import torch
@@ -34,7 +35,7 @@ import triton.language as tl
 
 from ..backend import triton_interpreter
 
-__all__ = ["shrink", "matmul_concat_k", "SUPPORTED_DTYPES"]
+__all__ = ["shrink", "matmul_concat_k", "SUPPORTED_DTYPES", "dot_allows_tf32"]
 
 #: dtypes the Triton GEMMs accept (``tl.dot`` operands).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -62,8 +63,22 @@ def _check_operands(fn: str, names: List[str], tensors: List[torch.Tensor]) -> N
             raise ValueError(f"{fn}: {name} is on {t.device} but {names[0]} is on {first.device}")
 
 
-def _allow_tf32() -> bool:
-    return bool(torch.backends.cuda.matmul.allow_tf32)
+def dot_allows_tf32(dtype: torch.dtype) -> bool:
+    """``tl.dot`` precision flag: full IEEE fp32 for float32 operands unless torch allows TF32
+    (``torch.backends.cuda.matmul.allow_tf32``); half-precision operands use the tensor cores as is."""
+    return dtype != torch.float32 or bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere): sizes grids to fill the GPU."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _dot_block(n: int, lo: int = 16, hi: int = 128) -> int:
@@ -138,7 +153,8 @@ def shrink(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> torch.Tensor
     if triton_interpreter():
         block_m, block_k, warps, stages = 16, 32, 4, 1
     else:
-        block_m = 64 if m <= 4096 else 128
+        # Enough row tiles to fill the GPU twice over; 128-row tiles only when there are plenty.
+        block_m = 128 if triton.cdiv(m, 128) * triton.cdiv(r, block_r) >= 2 * num_sms(x.device) else 64
         block_k = 64 if block_r <= 64 else 32
         warps, stages = 4, 3
     grid = (triton.cdiv(m, block_m), triton.cdiv(r, block_r))
@@ -150,7 +166,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> torch.Tensor
         out.stride(0), out.stride(1),
         float(scale),
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
-        ALLOW_TF32=_allow_tf32(),
+        ALLOW_TF32=dot_allows_tf32(x.dtype),
         num_warps=warps, num_stages=stages,
     )
     return out
@@ -310,6 +326,6 @@ def matmul_concat_k(
         b2.stride(0) if has_a2 else 0, b2.stride(1) if has_a2 else 0,
         bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
         float(scale2),
-        HAS_A2=has_a2, HAS_BIAS=bias is not None, ALLOW_TF32=_allow_tf32(),
+        HAS_A2=has_a2, HAS_BIAS=bias is not None, ALLOW_TF32=dot_allows_tf32(a1.dtype),
     )
     return out

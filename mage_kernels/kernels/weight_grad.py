@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .. import reference
 from ..backend import resolve_backend, triton_interpreter
-from .lora import SUPPORTED_DTYPES
+from .lora import SUPPORTED_DTYPES, dot_allows_tf32, num_sms
 
 __all__ = ["weight_grad_with_fisher", "weight_grad_with_fisher_op", "OP_SCHEMA"]
 
@@ -128,12 +128,6 @@ def _weight_grad_kernel(
             tl.store(f_ptrs, old + fisher_acc, mask=mask)
         else:
             tl.store(f_ptrs, fisher_acc, mask=mask)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
 
 
 def _pow2_block(n: int, hi: int) -> int:
@@ -243,7 +237,7 @@ def weight_grad_with_fisher(
     elif interp:
         splits = 1
     else:
-        splits = max(1, min(units, (2 * _num_sms(device)) // tiles))
+        splits = max(1, min(units, (2 * num_sms(device)) // tiles))
     per_split = triton.cdiv(units, splits)
     splits = triton.cdiv(units, per_split)
 
@@ -267,7 +261,7 @@ def weight_grad_with_fisher(
         *grad_strides, *fisher_strides,
         float(scale), float(fisher_scale) * float(scale),
         HAS_FISHER=has_fisher, HAS_WEIGHT=has_weight, FISHER_IN_PLACE=splits == 1,
-        ALLOW_TF32=bool(torch.backends.cuda.matmul.allow_tf32),
+        ALLOW_TF32=dot_allows_tf32(g.dtype),
         BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_T=block_t,
         num_warps=warps, num_stages=1 if interp else 3,
     )
