@@ -110,7 +110,7 @@ def _describe(schema: "torch._C.FunctionSchema") -> List[str]:
     return lines
 
 
-def schema_mismatches() -> List[str]:
+def schema_mismatches(namespace: str = NAMESPACE, reference_namespace: str = "mage") -> List[str]:
     """Differences between each ``mage_cuda::<op>`` schema and its Python twin ``mage::<op>``.
 
     Compares argument names, types (``SymInt`` and ``int`` are the same type
@@ -119,27 +119,28 @@ def schema_mismatches() -> List[str]:
     problem, so ``[]`` means "identical semantics at the call boundary". An op
     the extension does not register is reported as a problem too (call this
     with the extension loaded; :func:`why_unavailable` says why it is not).
+    The namespaces are parameters only so that the comparison itself can be tested.
     """
     load()
     for mod in _PYTHON_OP_MODULES:  # registers the mage:: ops
         importlib.import_module(mod)
     problems: List[str] = []
-    cuda_ops = set(_registered(NAMESPACE))
-    python_ops = set(_registered("mage"))
+    cuda_ops = set(_registered(namespace))
+    python_ops = set(_registered(reference_namespace))
     for name in OPS:
         if name not in cuda_ops:
-            problems.append(f"{NAMESPACE}::{name} is not registered ({why_unavailable()})")
+            problems.append(f"{namespace}::{name} is not registered ({why_unavailable()})")
             continue
         if name not in python_ops:
-            problems.append(f"mage::{name} is not registered (the Python op is missing)")
+            problems.append(f"{reference_namespace}::{name} is not registered (the Python op is missing)")
             continue
-        ours = _describe(getattr(torch.ops, NAMESPACE).__getattr__(name).default._schema)
-        theirs = _describe(getattr(torch.ops.mage, name).default._schema)
+        ours = _describe(getattr(getattr(torch.ops, namespace), name).default._schema)
+        theirs = _describe(getattr(getattr(torch.ops, reference_namespace), name).default._schema)
         if ours != theirs:
-            diff = [f"{NAMESPACE}: {a!s} | mage: {b!s}" for a, b in zip(ours, theirs) if a != b]
+            diff = [f"{namespace}: {a} | {reference_namespace}: {b}" for a, b in zip(ours, theirs) if a != b]
             if len(ours) != len(theirs):
                 diff.append(f"{len(ours)} vs {len(theirs)} arguments/returns")
             problems.append(f"{name}: " + "; ".join(diff))
     for name in sorted(cuda_ops - set(OPS)):
-        problems.append(f"{NAMESPACE}::{name} is registered but not listed in cuda_extension.OPS")
+        problems.append(f"{namespace}::{name} is registered but not listed in cuda_extension.OPS")
     return problems
