@@ -124,7 +124,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG0
     lines = _RESULTS.table()
     if not lines:
         return
-    terminalreporter.write_sep("=", "benchmark medians and ratio to the floor (frozen base linear fwd + input grad)")
+    terminalreporter.write_sep("=", "benchmark medians and their ratio to each group's floor case")
     for line in lines:
         terminalreporter.write_line(line)
     path = os.environ.get("MAGE_BENCH_RESULTS")
