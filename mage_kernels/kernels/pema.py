@@ -15,9 +15,11 @@ on the GPU and under ``TRITON_INTERPRET=1``), streams its chunk once (read
 elements, non-finite skips) into the int64 ``counts[2]`` with one atomic each.
 Because a pointer's element type is a compile-time constant, tensors are
 grouped by their ``(theta, theta*, g, F)`` dtypes: ONE launch per dtype group
-(in practice one group: all adapters share a dtype). The tables are cached by
-the tensors' addresses and sizes, so a training loop that keeps its buffers
-rebuilds nothing and never syncs the host.
+(in practice one group: all adapters share a dtype). The chunk table is cached
+by the tensors' sizes and the tensor table by their addresses, so a training
+loop that keeps its buffers rebuilds nothing; a new address (e.g. a fresh ``F``
+tensor) costs one small host-to-device copy of the tensor table, never a sync
+on results.
 
 Per element, in float32 (float64 when ``theta`` is float64)::
 
@@ -101,29 +103,44 @@ def _pema_kernel(
     tl.atomic_add(counts + 1, tl.sum(n_nonfinite, axis=0).to(tl.int64))
 
 
-# Tables keyed by (device, dtypes, addresses, sizes); a few entries suffice for a training loop.
-_TABLE_CACHE: "OrderedDict[tuple, Tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
-_TABLE_CACHE_SIZE = 8
+# Small LRU caches: the chunk table depends only on the tensors' sizes (stable over a
+# training run); the tensor table on their addresses (stable while the buffers live).
+_CHUNK_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_TENSOR_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_CACHE_SIZE = 8
+
+
+def _cached(cache: "OrderedDict[tuple, torch.Tensor]", key: tuple, build) -> torch.Tensor:
+    hit = cache.get(key)
+    if hit is not None:
+        cache.move_to_end(key)
+        return hit
+    value = cache[key] = build()
+    if len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+def _chunk_table(device: torch.device, numels: Tuple[int, ...]) -> torch.Tensor:
+    """int64 ``[num_chunks, 2]``: (tensor index, first element) for every program, built vectorized."""
+    n = torch.tensor(numels, dtype=torch.int64)
+    per = (n + CHUNK - 1) // CHUNK
+    idx = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), per)
+    first = torch.cumsum(per, 0) - per  # first chunk of each tensor
+    start = (torch.arange(idx.numel(), dtype=torch.int64) - first[idx]) * CHUNK
+    return torch.stack([idx, start], 1).contiguous().to(device)
 
 
 def _tables(device: torch.device, group: List[Tuple[torch.Tensor, ...]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    key = (str(device),) + tuple((p.data_ptr(), e.data_ptr(), g.data_ptr(), f.data_ptr(), e.numel()) for p, e, g, f in group)
-    hit = _TABLE_CACHE.get(key)
-    if hit is not None:
-        _TABLE_CACHE.move_to_end(key)
-        return hit
-    tensors: List[int] = []
-    chunks: List[int] = []
-    for i, (p, e, g, f) in enumerate(group):
-        n = e.numel()
-        tensors += [p.data_ptr(), e.data_ptr(), g.data_ptr(), f.data_ptr(), n]
-        for s in range(0, n, CHUNK):
-            chunks += [i, s]
-    tt = torch.tensor(tensors, dtype=torch.int64).to(device, non_blocking=True)
-    ct = torch.tensor(chunks, dtype=torch.int64).to(device, non_blocking=True)
-    _TABLE_CACHE[key] = (tt, ct)
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
+    numels = tuple(e.numel() for _, e, _, _ in group)
+    ptrs = tuple(t.data_ptr() for quad in group for t in quad)
+    ct = _cached(_CHUNK_CACHE, (str(device),) + numels, lambda: _chunk_table(device, numels))
+
+    def build_tensor_table() -> torch.Tensor:
+        rows = [list(ptrs[4 * i: 4 * i + 4]) + [numels[i]] for i in range(len(numels))]
+        return torch.tensor(rows, dtype=torch.int64).to(device)
+
+    tt = _cached(_TENSOR_CACHE, (str(device),) + ptrs + numels, build_tensor_table)
     return tt, ct
 
 
@@ -155,7 +172,7 @@ def pema_update_(
     for (pd, ed, gd, fd), group in groups.items():
         tt, ct = _tables(device, group)
         cdt = tl.float64 if tl.float64 in (_TL_DTYPES[pd], _TL_DTYPES[ed]) else tl.float32
-        _pema_kernel[(ct.shape[0] // 2,)](
+        _pema_kernel[(ct.shape[0],)](
             tt, ct, counts, float(lam), float(beta_fallback),
             P_DT=_TL_DTYPES[pd], E_DT=_TL_DTYPES[ed], G_DT=_TL_DTYPES[gd], F_DT=_TL_DTYPES[fd],
             C_DT=cdt, FINITE_MAX=_FINITE_MAX[cdt],
