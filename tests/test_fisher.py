@@ -332,3 +332,15 @@ def test_sync_all_reduces_sums_and_counts_across_two_ranks(tmp_path):
         assert got["n"] == 5
         for k, v in expected.items():
             assert_close_rel(got["values"][k], v.double(), rel=1e-5, what=f"rank {rank} {k}")
+
+
+def test_counts_forwards_of_a_submodule_called_directly():
+    """The root model is not called: a layer running again starts a new forward (counted once each)."""
+    model = mk.inject(TwoLayer(), ["up", "down"], r=2, dropout=0.0)
+    randomize(model)
+    fisher = mk.Fisher(model, loss_reduction="sum")
+    for n in (3, 2):
+        model.up(torch.randn(n, 4, 6)).pow(2).sum().backward()
+    assert fisher.num_samples == 5
+    assert torch.count_nonzero(model.down.fisher_a) == 0  # never ran
+    assert torch.count_nonzero(model.up.fisher_a) > 0

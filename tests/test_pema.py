@@ -246,6 +246,15 @@ def test_update_does_not_sync_and_skips_params_without_grad():
     i = pema.names.index("lora_A.2")
     assert torch.equal(pema.emas[i], before[i])
     assert any(not torch.equal(a, b) for a, b in zip(pema.emas, before))
+    # a {name: F} mapping (Fisher.values()) gives the same update as the Fisher object
+    twin = mk.PEMA(layer)
+    for e, e0 in zip(twin.emas, before):
+        e.copy_(e0)
+    twin.update(fisher.values())
+    for a, b in zip(twin.emas, pema.emas):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    with pytest.raises(KeyError, match="no Fisher"):
+        twin.update({})
     with pytest.raises(TypeError, match="fisher"):
         pema.update(None)
     with pytest.raises(ValueError, match="beta_fallback"):
