@@ -27,23 +27,34 @@ def _read(name: str) -> str:
         return f.read()
 
 
+# setup.py runs several times per pip install (requirements, metadata, build);
+# say what happens to the extension only in the run that builds.
+_BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"}
+_ANNOUNCE = any(arg in _BUILD_COMMANDS for arg in sys.argv[1:])
+
+
+def _say(message: str) -> None:
+    if _ANNOUNCE:
+        print(f"mage-kernels: {message}", file=sys.stderr)
+
+
 def _cuda_extension():
     """Return ``(ext_modules, cmdclass)`` for the CUDA extension, or ``([], {})`` with a reason printed."""
     if os.environ.get("MAGE_SKIP_CUDA", "0") not in ("", "0"):
-        print("mage-kernels: MAGE_SKIP_CUDA set; building without the CUDA extension", file=sys.stderr)
+        _say("MAGE_SKIP_CUDA set; building without the CUDA extension")
         return [], {}
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except Exception as exc:  # torch not importable in this (isolated?) build environment
-        print(f"mage-kernels: skipping the CUDA extension: torch is not importable here ({exc}); "
-              "use `pip install --no-build-isolation .` with a CUDA torch to build it", file=sys.stderr)
+        _say(f"skipping the CUDA extension: torch is not importable here ({exc}); "
+             "use `pip install --no-build-isolation .` with a CUDA torch to build it")
         return [], {}
     if torch.version.cuda is None:
-        print(f"mage-kernels: skipping the CUDA extension: torch {torch.__version__} is a CPU build", file=sys.stderr)
+        _say(f"skipping the CUDA extension: torch {torch.__version__} is a CPU build")
         return [], {}
     if CUDA_HOME is None:
-        print("mage-kernels: skipping the CUDA extension: nvcc / CUDA_HOME not found", file=sys.stderr)
+        _say("skipping the CUDA extension: nvcc / CUDA_HOME not found")
         return [], {}
     arch = os.environ.get("MAGE_CUDA_ARCH", "8.0;9.0")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
@@ -55,9 +66,9 @@ def _cuda_extension():
         if f.endswith((".cu", ".cpp"))
     )
     if not sources:
-        print("mage-kernels: skipping the CUDA extension: no sources in csrc/", file=sys.stderr)
+        _say("skipping the CUDA extension: no sources in csrc/")
         return [], {}
-    print(f"mage-kernels: building the CUDA extension for TORCH_CUDA_ARCH_LIST={arch}", file=sys.stderr)
+    _say(f"building the CUDA extension mage_kernels._C for TORCH_CUDA_ARCH_LIST={arch}")
     ext = CUDAExtension(
         name="mage_kernels._C",
         sources=sources,
