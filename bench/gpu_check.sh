@@ -37,7 +37,7 @@ STEPS="$BASE.steps.tsv"
 exec > >(tee -a "$LOG") 2>&1
 
 export TRITON_INTERPRET=0             # tests/conftest.py only sets it when unset
-export MAGE_REQUIRE_CUDA_EXTENSION=1  # tests/test_cuda_backend.py fails instead of skipping
+export MAGE_REQUIRE_CUDA_EXTENSION=1  # tests/test_cuda_backend.py: a missing GPU/extension fails, not skips
 export MAGE_CUDA_ARCH=${MAGE_CUDA_ARCH:-9.0}
 export PYTHONUNBUFFERED=1
 
@@ -167,7 +167,7 @@ def sh(cmd):
 
 env = {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)), "python": platform.python_version(),
        "gpu": sh("nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader"),
-       "nvcc": sh("nvcc --version | tail -1"), "git_commit": sh("git rev-parse HEAD"),
+       "nvcc": sh("nvcc --version | grep release"), "git_commit": sh("git rev-parse HEAD"),
        "mage_cuda_arch": os.environ.get("MAGE_CUDA_ARCH")}
 try:
     import torch

@@ -26,9 +26,7 @@ if not torch.cuda.is_available():
     _REASON = "no CUDA device"
 elif cuda_extension.load() is None:
     _REASON = "the CUDA extension is not built: " + cuda_extension.why_unavailable()
-if _REASON and _REQUIRE:
-    raise RuntimeError(f"MAGE_REQUIRE_CUDA_EXTENSION=1 but {_REASON}")
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+needs_extension = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEV = "cuda"
@@ -37,6 +35,16 @@ needs_compiled_triton = pytest.mark.skipif(
 )
 
 
+def test_extension_available_when_required():
+    """With MAGE_REQUIRE_CUDA_EXTENSION=1 (bench/gpu_check.sh) a missing GPU or extension fails instead of skipping."""
+    if _REASON is not None:
+        if _REQUIRE:
+            pytest.fail(f"MAGE_REQUIRE_CUDA_EXTENSION=1 but {_REASON}")
+        pytest.skip(_REASON)
+    assert cuda_extension.load() is not None
+
+
+@needs_extension
 def test_schemas_equal_the_python_ops():
     assert cuda_extension.op_names() == sorted(cuda_extension.OPS)
     assert cuda_extension.schema_mismatches() == []
@@ -89,6 +97,7 @@ def _ulp_tolerance(dtype: torch.dtype) -> dict:
             torch.bfloat16: dict(rtol=8e-3, atol=1e-38)}[dtype]
 
 
+@needs_extension
 @pytest.mark.parametrize("dtypes", DTYPE_COMBOS, ids=lambda d: "-".join(str(t).split(".")[1] for t in d))
 @pytest.mark.parametrize("misalign", [False, True], ids=["aligned", "misaligned"])
 def test_pema_matches_reference(dtypes, misalign):
@@ -106,6 +115,7 @@ def test_pema_matches_reference(dtypes, misalign):
         torch.testing.assert_close(e, r, equal_nan=True, **_ulp_tolerance(e.dtype))
 
 
+@needs_extension
 def test_pema_float64_formula():
     """Against a float64 evaluation of the SPEC formula (fp32 inputs; fallback elements excluded at ties)."""
     n = 50_000
@@ -125,6 +135,7 @@ def test_pema_float64_formula():
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@needs_extension
 @needs_compiled_triton
 @pytest.mark.parametrize("dtypes", DTYPE_COMBOS[:3], ids=["fp32", "fp16", "bf16"])
 def test_pema_matches_triton(dtypes):
@@ -140,6 +151,7 @@ def test_pema_matches_triton(dtypes):
         torch.testing.assert_close(e, r, equal_nan=True, **_ulp_tolerance(e.dtype))
 
 
+@needs_extension
 def test_pema_backend_cuda_dispatches_to_the_extension():
     params, emas, grads, fishers = _pema_inputs((torch.float32,) * 4, misalign=False)
     ref_emas = [e.clone() for e in emas]
@@ -153,6 +165,7 @@ def test_pema_backend_cuda_dispatches_to_the_extension():
         torch.testing.assert_close(e, r, equal_nan=True, **_ulp_tolerance(e.dtype))
 
 
+@needs_extension
 def test_pema_non_contiguous_inputs_and_bad_arguments():
     theta = torch.randn(64, 48, device=DEV)
     ema = theta + torch.randn_like(theta)
@@ -219,6 +232,7 @@ def _tolerance(dtype):
     return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
 
 
+@needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", WG_CASES, ids=lambda c: "N{}xT{}_P{}_Q{}_f{}_w{}".format(*map(int, c)))
 @pytest.mark.parametrize("layout", ["contiguous", "sliced", "transposed"])
@@ -257,6 +271,7 @@ def _same_view(base64: torch.Tensor, view: torch.Tensor, storage: torch.Tensor) 
     return base64.as_strided(view.shape, view.stride(), view.storage_offset() - storage.storage_offset())
 
 
+@needs_extension
 def test_weight_grad_accumulates_over_micro_batches():
     n, t, p, q = 6, 9, 16, 40
     fisher = torch.zeros(p, q, device=DEV)
@@ -268,6 +283,7 @@ def test_weight_grad_accumulates_over_micro_batches():
     torch.testing.assert_close(fisher.double(), want, rtol=1e-5, atol=1e-6)
 
 
+@needs_extension
 def test_weight_grad_nan_propagates_like_the_reference():
     g, x = _wg_inputs(2, 8, 8, 20, torch.float32, strided=False)
     g[3, 2] = float("nan")
@@ -279,6 +295,7 @@ def test_weight_grad_nan_propagates_like_the_reference():
     assert torch.equal(fisher.isnan(), ref_f.isnan())
 
 
+@needs_extension
 @needs_compiled_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
 def test_weight_grad_matches_triton(dtype):
@@ -296,6 +313,7 @@ def test_weight_grad_matches_triton(dtype):
     torch.testing.assert_close(f_cuda, f_tri, rtol=max(tol, 1e-4), atol=1e-4 * (1 + f_tri.abs().max().item()))
 
 
+@needs_extension
 def test_weight_grad_bad_arguments():
     op = torch.ops.mage_cuda.weight_grad_with_fisher
     g = torch.randn(12, 4, device=DEV)
@@ -332,6 +350,7 @@ def _lora_grads(backend: str, x, weight, lora_a, lora_b, rows: List[int], token_
     return a.grad, b.grad, fa, fb
 
 
+@needs_extension
 def test_lora_linear_backward_with_cuda_backend():
     """The LoRA op's backward on backend "cuda" (CUDA weight-gradient kernel) equals backend "torch"."""
     n, t, k, out, r = 4, 10, 48, 40, 32

@@ -115,6 +115,9 @@ at::Tensor pema_update_meta(at::TensorList /*params*/, at::TensorList emas, at::
 
 // ----------------------------------------------------------------------------- weight_grad_with_fisher
 
+// Output rows P: 65535 blocks of (at least) 64 rows along grid y.
+constexpr int64_t kMaxRows = 65535LL * 64;
+
 void check_weight_grad_inputs(const at::Tensor& g, const at::Tensor& x, int64_t num_samples,
                               const std::optional<at::Tensor>& fisher, const std::optional<at::Tensor>& token_weight) {
   const char* op = "mage_cuda::weight_grad_with_fisher";
@@ -127,6 +130,7 @@ void check_weight_grad_inputs(const at::Tensor& g, const at::Tensor& x, int64_t 
   TORCH_CHECK(x.scalar_type() == g.scalar_type(), op, ": g is ", g.scalar_type(), " but x is ", x.scalar_type());
   TORCH_CHECK(g.size(0) == x.size(0), op, ": g has ", g.size(0), " tokens but x has ", x.size(0));
   const int64_t m = g.size(0), p = g.size(1), q = x.size(1);
+  TORCH_CHECK(p <= kMaxRows, op, ": g has ", p, " columns; the kernel's grid allows at most ", kMaxRows);
   if (fisher.has_value() && fisher->defined()) {
     const at::Tensor& f = *fisher;
     TORCH_CHECK(f.scalar_type() == at::kFloat, op, ": the Fisher buffer must be float32, got ", f.scalar_type());
@@ -174,7 +178,7 @@ at::Tensor weight_grad_with_fisher_cuda(const at::Tensor& g, const at::Tensor& x
     args.fisher = fisher->data_ptr<float>();
     args.fisher_stride_p = fisher->stride(0);
     args.fisher_stride_q = fisher->stride(1);
-    args.num_samples = num_samples;
+    args.num_samples = m == 0 ? 1 : num_samples;  // no tokens: nothing to split (any N is accepted)
     if (token_weight.has_value() && token_weight->defined()) {  // the reference ignores it without a Fisher
       weight = token_weight->reshape({m}).to(at::kFloat).contiguous();
       args.token_weight = weight.data_ptr<float>();
