@@ -1,0 +1,105 @@
+"""Data-parallel training under ``torchrun`` (DDP; gloo on CPU, nccl on GPU).
+
+``torchrun --nproc_per_node 2 -m mage_cl.cli run ...`` sets ``WORLD_SIZE``,
+``RANK``, ``LOCAL_RANK`` and the rendezvous address; :func:`init` then joins the
+process group. The driver's rules for staying in lock-step:
+
+* every rank draws the same shuffled batches from the same seed and trains on
+  its own slice of each global batch (:func:`shard`);
+* gradients are averaged by ``torch.nn.parallel.DistributedDataParallel`` (the
+  model is re-wrapped at every task because the trainable adapters change);
+* the Fisher sums are all-reduced (``fisher.sync()``) *before* PEMA reads them,
+  and everything a method derives from data (EWC Fisher, PGP feature
+  covariances, evaluation counts) goes through :func:`all_reduce_sum`, so the
+  method state stays identical on every rank;
+* only rank 0 writes results and checkpoints (:func:`is_main`).
+
+Outside ``torchrun`` every helper is a no-op for a single process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import List, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["init", "shutdown", "is_distributed", "rank", "world_size", "is_main", "shard",
+           "all_reduce_sum", "barrier", "broadcast_object", "wrap_ddp"]
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(backend: str = "auto") -> bool:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); returns whether it did."""
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60))
+    return True
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def shard(items: Sequence[T]) -> List[T]:
+    """This rank's slice of a global batch (ranks take items ``rank, rank + world, ...``)."""
+    return list(items[rank():: world_size()])
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (identity on one process); returns ``t``."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """``DistributedDataParallel(model)`` over its currently trainable parameters, or ``model`` itself."""
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev = next(model.parameters()).device
+    ids = [dev.index] if dev.type == "cuda" else None
+    return DDP(model, device_ids=ids, broadcast_buffers=False)

@@ -1,0 +1,183 @@
+"""The interface every continual-learning method implements, and the plain-LoRA family.
+
+The trainer (:mod:`mage_cl.trainer`) calls, for each task in the order::
+
+    method.setup(model)                      # once: inject adapters, build state
+    method.before_task(task, task_index)     # choose trainable adapters, snapshot state
+    for each step:
+        loss = task loss + method.loss_extra(model)      # regularizers (EWC, RegLoRA)
+        loss.backward()
+        method.after_backward()              # gradient surgery (PGP)
+        optimizer.step()
+        method.after_step(fisher)            # EMA-style updates (LAE, CIA, MAGE)
+    method.after_task(task, train_batches)   # consolidate (EWC Fisher, PGP basis, ...)
+
+``state_bytes()`` is the method's *persistent* state (what it must keep between
+steps or tasks beyond the adapters themselves), measured from the real tensors
+with :func:`mage_kernels.persistent_state_bytes` where the library provides the
+state, else summed over the tensors the method holds.
+
+All methods have the same total LoRA rank (SPEC section 1 / paper 9.3): four
+adapters of rank 8, or one adapter of rank 32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+import mage_kernels as mk
+
+__all__ = ["MethodConfig", "Method", "LoRA", "ZeroShot", "Multitask", "tensor_bytes", "batch_loss"]
+
+
+@dataclass
+class MethodConfig:
+    """Adapter shape shared by all methods: total rank ``r_total`` (paper: 32), alpha 32, dropout 0.05."""
+
+    r_total: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: tuple = mk.LLAMA_TARGETS
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Total bytes of ``tensors`` (``numel * element_size``)."""
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def batch_loss(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over samples of each sample's mean next-token loss over its target tokens.
+
+    Written as ``(1/N) sum_n loss_n`` so that the per-sample Fisher of SPEC
+    section 2 (``mk.Fisher(loss_reduction="mean")``) sees exactly the samples'
+    losses ``loss_n``.
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    tok = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(labels.shape)
+    mask = (labels != -100).to(tok.dtype)
+    per_sample = (tok * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return per_sample.mean()
+
+
+class Method:
+    """Base class; the defaults are plain sequential fine-tuning of every adapter."""
+
+    #: CLI name (set by subclasses).
+    name = "base"
+    #: Adapters per layer; each has rank ``r_total // num_adapters``.
+    num_adapters = 1
+    #: Whether the trainer trains at all (False: zero-shot).
+    trains = True
+    #: Whether the trainer trains once on the union of all tasks (multitask upper bound).
+    joint = False
+    #: Whether the trainer should accumulate the per-sample Fisher each step (SPEC section 2).
+    needs_fisher = False
+
+    def __init__(self, config: Optional[MethodConfig] = None) -> None:
+        self.config = config or MethodConfig()
+        if self.config.r_total % self.num_adapters:
+            raise ValueError(f"total rank {self.config.r_total} is not divisible by {self.num_adapters} adapters")
+        self.model: Optional[nn.Module] = None
+
+    # -------------------------------------------------------------- adapters
+
+    @property
+    def r(self) -> int:
+        return self.config.r_total // self.num_adapters
+
+    def inject(self, model: nn.Module) -> None:
+        mk.inject(model, self.config.target_modules, r=self.r, alpha=self.config.alpha,
+                  dropout=self.config.dropout, num_adapters=self.num_adapters)
+
+    def setup(self, model: nn.Module) -> None:
+        """Inject the adapters into the (frozen) ``model``."""
+        self.inject(model)
+        self.model = model
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def named_trainable(self) -> List[tuple]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def adapter_state(self) -> Dict[str, torch.Tensor]:
+        """Every adapter (and router) tensor, trainable or not, as CPU copies (for checkpoints)."""
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if _is_adapter(n)}
+
+    def load_adapter_state(self, state: Dict[str, torch.Tensor]) -> None:
+        own = {n: p for n, p in self.model.named_parameters() if _is_adapter(n)}
+        if set(own) != set(state):
+            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            raise KeyError(f"adapter state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        with torch.no_grad():
+            for n, p in own.items():
+                if tuple(state[n].shape) != tuple(p.shape):
+                    raise ValueError(f"adapter {n}: shape {tuple(state[n].shape)} != {tuple(p.shape)}")
+                p.copy_(state[n].to(p.device, p.dtype))
+
+    # -------------------------------------------------------------- hooks
+
+    def before_task(self, task, task_index: int) -> None:
+        """Default: train every adapter."""
+        mk.set_trainable(self.model, range(self.num_adapters))
+
+    def loss_extra(self, model: nn.Module) -> Optional[torch.Tensor]:
+        return None
+
+    def after_backward(self) -> None:
+        pass
+
+    def after_step(self, fisher) -> None:
+        pass
+
+    def after_task(self, task, train_batches: Callable[[], Iterable[Dict[str, torch.Tensor]]]) -> None:
+        pass
+
+    def finish(self) -> None:
+        """Release hooks (called once after the last task)."""
+
+    # -------------------------------------------------------------- state
+
+    def state_bytes(self) -> int:
+        return 0
+
+    def state_dict(self) -> Dict[str, object]:
+        """Between-task state for checkpoints (tensors on CPU)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        if state:
+            raise ValueError(f"{self.name} keeps no state but the checkpoint holds {sorted(state)}")
+
+
+def _is_adapter(name: str) -> bool:
+    leaf = name.split(".")
+    return any(part in ("lora_A", "lora_B", "router") for part in leaf)
+
+
+class LoRA(Method):
+    """Sequential LoRA fine-tuning, one adapter of rank 32 (paper: "LoRA Fine-Tune")."""
+
+    name = "lora"
+
+
+class ZeroShot(LoRA):
+    """The pretrained model without any training (adapters injected with ``B = 0``: no effect)."""
+
+    name = "zero-shot"
+    trains = False
+
+
+class Multitask(LoRA):
+    """Upper bound: one rank-32 LoRA trained on the union of all tasks at once, evaluated once."""
+
+    name = "multitask"
+    joint = True

@@ -1,0 +1,38 @@
+"""CIA baseline without instruction grouping: the layer-wise dynamic EMA (DEMA, SPEC section 4).
+
+Paper 9.4: CIA's instruction grouping expands the LoRA parameters, so, like the
+paper, this comparison removes it and keeps only the dynamic EMA update on one
+rank-32 LoRA: ``mk.DEMA.update()`` after every optimizer step, the adapters take
+their EMA values at the end of each task. DEMA keeps two parameter-sized buffers
+per trained tensor (``theta*`` and ``g_prev``), PEMA one; the driver reports both
+from the real tensors (``mk.persistent_state_bytes``).
+"""
+
+from __future__ import annotations
+
+import mage_kernels as mk
+
+from .base import Method
+
+__all__ = ["CIA"]
+
+
+class CIA(Method):
+    name = "cia"
+
+    def setup(self, model) -> None:
+        super().setup(model)
+        self.dema = mk.DEMA(model)
+
+    def before_task(self, task, task_index: int) -> None:
+        super().before_task(task, task_index)
+        self.dema.start_task()
+
+    def after_step(self, fisher) -> None:
+        self.dema.update()
+
+    def after_task(self, task, train_batches) -> None:
+        self.dema.finish_task()
+
+    def state_bytes(self) -> int:
+        return int(mk.persistent_state_bytes(self.dema))

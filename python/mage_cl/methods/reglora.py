@@ -1,0 +1,75 @@
+"""RegLoRA baseline (SEFE, Chen et al., ICML'25) on one rank-32 LoRA.
+
+Paper 9.4: RegLoRA "identifies important LoRA parameters and applies dynamic
+regularization masks to limit disruptive updates". Reading used here (following
+SEFE, where the key elements are those of the LoRA weight update ``dW = s B A``):
+after each task, in every adapted layer the ``top_fraction`` (default 2%) of the
+elements of ``dW`` with the largest magnitude are marked important (the masks of
+all earlier tasks are kept: a union), and ``dW`` at that moment is stored as the
+reference. On later tasks
+
+    loss += lambda * sum_layers sum_{masked (i, j)} (dW_ij - dW_ref_ij)^2
+
+so the key elements of the earlier tasks' updates are held in place while the rest
+of ``dW`` (and the low-rank factors) stay free. State: one bool mask and one
+reference value per masked element (stored densely here: ``d_out x d_in`` each).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+import mage_kernels as mk
+
+from .base import Method, tensor_bytes
+
+__all__ = ["RegLoRA"]
+
+
+class RegLoRA(Method):
+    name = "reglora"
+
+    def __init__(self, config=None, lam: float = 1e3, top_fraction: float = 0.02) -> None:
+        super().__init__(config)
+        if not 0.0 < top_fraction <= 1.0:
+            raise ValueError(f"top_fraction must be in (0, 1]; got {top_fraction}")
+        self.lam = lam
+        self.top_fraction = top_fraction
+        self.mask: Dict[str, torch.Tensor] = {}
+        self.ref: Dict[str, torch.Tensor] = {}
+
+    def loss_extra(self, model) -> Optional[torch.Tensor]:
+        if not self.mask:
+            return None
+        total = None
+        for name, layer in mk.mage_layers(self.model):
+            m = self.mask.get(name)
+            if m is None:
+                continue
+            diff = (layer.delta_weight() - self.ref[name])[m]
+            term = diff.pow(2).sum()
+            total = term if total is None else total + term
+        return None if total is None else self.lam * total
+
+    @torch.no_grad()
+    def after_task(self, task, train_batches) -> None:
+        for name, layer in mk.mage_layers(self.model):
+            dw = layer.delta_weight()
+            k = max(1, int(round(self.top_fraction * dw.numel())))
+            thresh = dw.abs().flatten().kthvalue(dw.numel() - k + 1).values
+            new = dw.abs() >= thresh
+            self.mask[name] = self.mask[name] | new if name in self.mask else new
+            self.ref[name] = dw.detach().clone()
+
+    def state_bytes(self) -> int:
+        return tensor_bytes(self.mask.values()) + tensor_bytes(self.ref.values())
+
+    def state_dict(self):
+        return {"mask": {k: v.cpu() for k, v in self.mask.items()}, "ref": {k: v.cpu() for k, v in self.ref.items()}}
+
+    def load_state_dict(self, state) -> None:
+        dev = next(self.model.parameters()).device
+        self.mask = {k: v.to(dev) for k, v in state.get("mask", {}).items()}
+        self.ref = {k: v.to(dev) for k, v in state.get("ref", {}).items()}

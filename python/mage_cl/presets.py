@@ -1,0 +1,63 @@
+"""Run presets: model size, pretraining and training budget for ``--preset {smoke,cpu,gpu}``.
+
+The data sizes per preset are the benchmark's (:data:`mage_cl.tasks.PRESETS`); this
+module fixes everything else. ``smoke`` runs the six-task sequence for one method in
+well under a minute on 2 CPU cores (CI); ``cpu`` is the committed CPU comparison;
+``gpu`` is a larger model with all the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from .model import ModelConfig, PretrainConfig
+from .trainer import TrainConfig
+
+__all__ = ["Preset", "PRESETS", "get_preset"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: ModelConfig
+    pretrain: PretrainConfig
+    train: TrainConfig
+    #: CPU threads for torch ops (None: torch's default). The tiny models run fastest on one
+    #: thread: their GEMMs are too small to split, and on a shared machine extra threads spin.
+    cpu_threads: Optional[int] = None
+
+
+PRESETS: Dict[str, Preset] = {
+    "smoke": Preset(
+        "smoke",
+        ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=176),
+        PretrainConfig(steps=120, batch_size=16, lr=3e-3),
+        TrainConfig(steps_per_task=12, batch_size=8, lr=3e-3, eval_batch_size=16, max_eval=16,
+                    consolidate_batches=2),
+        cpu_threads=1,
+    ),
+    "cpu": Preset(
+        "cpu",
+        ModelConfig(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=256),
+        PretrainConfig(steps=600, batch_size=32, lr=3e-3),
+        TrainConfig(steps_per_task=150, batch_size=16, lr=2e-3, eval_batch_size=100, max_eval=100,
+                    consolidate_batches=8),
+        cpu_threads=1,
+    ),
+    "gpu": Preset(
+        "gpu",
+        ModelConfig(hidden_size=256, num_layers=6, num_heads=8, intermediate_size=688),
+        PretrainConfig(steps=3000, batch_size=64, lr=1e-3, max_sequences=20000),
+        TrainConfig(steps_per_task=1000, batch_size=32, lr=1e-3, eval_batch_size=256, max_eval=None,
+                    consolidate_batches=32),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; ``ValueError`` listing the valid ones otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None

@@ -1,0 +1,345 @@
+"""Train a method through the task sequence and evaluate it after every task.
+
+One *stage* = train task ``j`` (``steps_per_task`` AdamW steps on shuffled
+batches of its training set, the method's hooks around each step, see
+:class:`mage_cl.methods.base.Method`), then evaluate tasks ``0..j`` by greedy
+generation judged by each task's judge. The accuracy matrix row ``j`` holds the
+rates (0-100) for those tasks; tasks not trained yet are ``None`` (the paper's
+tables show "-" there). Each wrong answer has exactly one error type, so the
+IUF / HAL / OTH matrices are filled alongside (SPEC section 5).
+
+The loss is the mean over samples of each sample's mean target-token loss
+(:func:`mage_cl.methods.base.batch_loss`), which is what the per-sample Fisher
+(``mk.Fisher(loss_reduction="mean")``, SPEC section 2) expects. Under DDP
+(:mod:`mage_cl.distributed`) each rank trains on its slice of every global
+batch, the Fisher is synced before the method reads it, and evaluation counts
+are summed over ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import mage_kernels as mk
+
+from . import distributed
+from .methods.base import Method, batch_loss
+from .tasks.base import ERROR_TYPES, Example, Task
+
+__all__ = ["TrainConfig", "StageResult", "collate", "greedy_generate", "evaluate_task", "train_task",
+           "Sequencer"]
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and evaluation settings of one run (the presets live in :mod:`mage_cl.presets`)."""
+
+    steps_per_task: int = 40
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 5
+    eval_batch_size: int = 64
+    max_eval: Optional[int] = None  # test examples per task (None: all)
+    consolidate_batches: Optional[int] = 8  # batches an after_task pass (EWC, PGP) may read (None: all)
+    seed: int = 0
+
+
+@dataclass
+class StageResult:
+    """What one stage produced: rates per evaluated task and training statistics."""
+
+    task: str
+    acc: Dict[str, float]
+    iuf: Dict[str, float]
+    hal: Dict[str, float]
+    oth: Dict[str, float]
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    final_loss: float = float("nan")
+    method_state_bytes: int = 0
+    peak_bytes: int = 0
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------- batches
+
+
+def collate(examples: Sequence[Example], pad_id: int, device: torch.device) -> Dict[str, torch.Tensor]:
+    """Right-padded ``input_ids = prompt + target``; labels only on the target tokens."""
+    seqs = [list(e.prompt) + list(e.target) for e in examples]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), T), dtype=torch.long)
+    labels = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for b, (e, s) in enumerate(zip(examples, seqs)):
+        ids[b, : len(s)] = torch.tensor(s)
+        att[b, : len(s)] = 1
+        labels[b, len(e.prompt): len(s)] = torch.tensor(list(e.target))
+    return {"input_ids": ids.to(device), "attention_mask": att.to(device), "labels": labels.to(device)}
+
+
+def _batches(examples: Sequence[Example], batch_size: int, steps: int, seed: int) -> Iterator[List[Example]]:
+    """``steps`` global batches from reshuffled epochs (same on every rank: same seed)."""
+    rng = random.Random(seed)
+    order: List[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            more = list(range(len(examples)))
+            rng.shuffle(more)
+            order += more
+        yield [examples[i] for i in order[:batch_size]]
+        order = order[batch_size:]
+
+
+# ---------------------------------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
+                    eos_id: int) -> List[List[int]]:
+    """Greedy continuation of each prompt (left-padded batch, KV cache), cut before the first EOS."""
+    if not prompts:
+        return []
+    dev = next(model.parameters()).device
+    L = max(len(p) for p in prompts)
+    B = len(prompts)
+    ids = torch.full((B, L), pad_id, dtype=torch.long, device=dev)
+    att = torch.zeros((B, L), dtype=torch.long, device=dev)
+    for b, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError("cannot generate from an empty prompt")
+        ids[b, L - len(p):] = torch.tensor(list(p), device=dev)
+        att[b, L - len(p):] = 1
+    pos = (att.cumsum(1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    nxt = out.logits[:, -1].argmax(-1)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    gen = []
+    last_pos = pos[:, -1]
+    for step in range(max_new_tokens):
+        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+        gen.append(nxt)
+        done |= nxt == eos_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        att = torch.cat([att, torch.ones((B, 1), dtype=att.dtype, device=dev)], 1)
+        last_pos = last_pos + 1
+        kw = {"cache": cache} if hasattr(out, "cache") else {"past_key_values": cache}
+        out = model(input_ids=nxt[:, None], attention_mask=att, position_ids=last_pos[:, None], use_cache=True, **kw)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1)
+    toks = torch.stack(gen, 1).tolist()
+    result = []
+    for row in toks:
+        result.append(row[: row.index(eos_id)] if eos_id in row else row)
+    return result
+
+
+def evaluate_task(model: nn.Module, task: Task, pad_id: int, eos_id: int, batch_size: int = 64,
+                  max_eval: Optional[int] = None) -> Dict[str, float]:
+    """Rates (0-100) of correct answers and of each error type on ``task.test`` (summed over ranks)."""
+    tests = task.test if max_eval is None else task.test[:max_eval]
+    mine = distributed.shard(list(range(len(tests))))
+    counts = torch.zeros(1 + len(ERROR_TYPES), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(mine), batch_size):
+            chunk = [tests[i] for i in mine[s: s + batch_size]]
+            outs = greedy_generate(model, [e.prompt for e in chunk], task.max_new_tokens, pad_id, eos_id)
+            for e, g in zip(chunk, outs):
+                v = task.judge(g, e)
+                counts[0 if v.correct else 1 + ERROR_TYPES.index(v.error)] += 1
+    finally:
+        model.train(was_training)
+    distributed.all_reduce_sum(counts)
+    n = max(1.0, float(counts.sum()))
+    rates = (100.0 * counts / n).tolist()
+    return {"acc": rates[0], "IUF": rates[1], "HAL": rates[2], "OTH": rates[3], "n": int(counts.sum())}
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def train_task(model: nn.Module, method: Method, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
+               seed: int, desc: str = "train", progress: bool = False) -> Dict[str, float]:
+    """``cfg.steps_per_task`` steps of ``method`` on ``examples``; returns tokens, seconds and final loss."""
+    from tqdm.auto import tqdm
+
+    params = method.trainable_parameters()
+    if not params:
+        raise RuntimeError(f"method {method.name} has no trainable parameters for this task")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    dev = next(model.parameters()).device
+    ddp_model = distributed.wrap_ddp(model)
+    fisher = mk.Fisher(model, loss_reduction="mean") if method.needs_fisher else None
+    tokens, losses, peak = 0, [], 0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    model.train()
+    t0 = time.perf_counter()
+    try:
+        bar = tqdm(_batches(examples, cfg.batch_size, cfg.steps_per_task, seed), total=cfg.steps_per_task,
+                   desc=desc, disable=not progress or not distributed.is_main(), leave=False)
+        for global_batch in bar:
+            batch = collate(distributed.shard(global_batch), pad_id, dev)
+            if fisher is not None:
+                fisher.reset()
+            loss = batch_loss(ddp_model, batch)
+            extra = method.loss_extra(model)
+            total = loss if extra is None else loss + extra
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            method.after_backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            if fisher is not None:
+                fisher.sync()  # identical F on every rank before PEMA reads it
+            method.after_step(fisher)
+            tokens += int(batch["attention_mask"].sum())
+            losses.append(float(loss.detach()))
+            if not peak:
+                peak = training_bytes(model, opt, method, fisher)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        if fisher is not None:
+            fisher.remove()
+        del ddp_model
+    seconds = time.perf_counter() - t0
+    tok = torch.tensor([float(tokens)], dtype=torch.float64)
+    distributed.all_reduce_sum(tok)
+    if dev.type == "cuda":
+        peak = int(torch.cuda.max_memory_allocated(dev))
+    return {"tokens": int(tok.item()), "seconds": seconds, "loss": sum(losses[-5:]) / max(1, len(losses[-5:])),
+            "peak_bytes": peak}
+
+
+def training_bytes(model: nn.Module, opt: torch.optim.Optimizer, method: Method, fisher) -> int:
+    """Bytes of the tensors a training step keeps alive, summed from the real tensors (CPU peak proxy).
+
+    Model parameters + gradients of the trainable ones + optimizer state + the Fisher
+    buffers + the method's persistent state. (On CUDA the trainer reports
+    ``torch.cuda.max_memory_allocated`` instead, which also counts activations.)
+    """
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    for st in opt.state.values():
+        total += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+    if fisher is not None:
+        total += int(mk.persistent_state_bytes(fisher)) if hasattr(mk, "persistent_state_bytes") else 0
+    return int(total + method.state_bytes())
+
+
+def consolidation_batches(examples: Sequence[Example], cfg: TrainConfig, pad_id: int, device: torch.device,
+                          seed: int) -> Callable[[], Iterator[Dict[str, torch.Tensor]]]:
+    """A re-iterable source of this rank's batches over (a sample of) a task's training set."""
+    n_batches = math.ceil(len(examples) / cfg.batch_size)
+    if cfg.consolidate_batches is not None:
+        n_batches = min(n_batches, cfg.consolidate_batches)
+
+    def gen():
+        for global_batch in _batches(examples, cfg.batch_size, n_batches, seed):
+            mine = distributed.shard(global_batch)
+            if mine:
+                yield collate(mine, pad_id, device)
+
+    return gen
+
+
+class Sequencer:
+    """Runs ``method`` through ``tasks`` in ``order``: train, evaluate, checkpoint after each stage.
+
+    ``on_stage(stage_index, StageResult)`` is called after every finished stage (the CLI
+    saves a checkpoint there); ``start_stage`` skips the stages a resumed run already has.
+    """
+
+    def __init__(self, model: nn.Module, method: Method, tasks: Dict[str, Task], order: Sequence[str],
+                 cfg: TrainConfig, pad_id: int, eos_id: int, progress: bool = False) -> None:
+        unknown = [n for n in order if n not in tasks]
+        if unknown:
+            raise ValueError(f"order names tasks {unknown} that are not loaded (have: {sorted(tasks)})")
+        self.model, self.method, self.tasks, self.order = model, method, tasks, list(order)
+        self.cfg, self.pad_id, self.eos_id, self.progress = cfg, pad_id, eos_id, progress
+        self.device = next(model.parameters()).device
+
+    def evaluate(self, names: Sequence[str]) -> Tuple[Dict[str, Dict[str, float]], float]:
+        t0 = time.perf_counter()
+        res = {n: evaluate_task(self.model, self.tasks[n], self.pad_id, self.eos_id, self.cfg.eval_batch_size,
+                                self.cfg.max_eval) for n in names}
+        return res, time.perf_counter() - t0
+
+    def _stage(self, j: int, name: str, train_stats: Dict[str, float], evals, eval_s: float,
+               state_bytes: int) -> StageResult:
+        return StageResult(
+            task=name,
+            acc={n: r["acc"] for n, r in evals.items()},
+            iuf={n: r["IUF"] for n, r in evals.items()},
+            hal={n: r["HAL"] for n, r in evals.items()},
+            oth={n: r["OTH"] for n, r in evals.items()},
+            train_tokens=int(train_stats.get("tokens", 0)),
+            train_seconds=float(train_stats.get("seconds", 0.0)),
+            eval_seconds=eval_s,
+            final_loss=float(train_stats.get("loss", float("nan"))),
+            method_state_bytes=state_bytes,
+            peak_bytes=int(train_stats.get("peak_bytes", 0)),
+        )
+
+    def run(self, start_stage: int = 0,
+            on_stage: Optional[Callable[[int, StageResult], None]] = None) -> List[StageResult]:
+        m, cfg = self.method, self.cfg
+        stages: List[StageResult] = []
+        if not m.trains:
+            # zero-shot: nothing changes between stages, so evaluate every task once
+            evals, eval_s = self.evaluate(self.order)
+            for j, name in enumerate(self.order[start_stage:], start_stage):
+                seen = {n: evals[n] for n in self.order[: j + 1]}
+                st = self._stage(j, name, {}, seen, eval_s if j == start_stage else 0.0, m.state_bytes())
+                stages.append(st)
+                if on_stage:
+                    on_stage(j, st)
+            return stages
+        if m.joint:
+            # multitask upper bound: one stage on the union of all tasks, the same total steps
+            union = [e for n in self.order for e in self.tasks[n].train]
+            joint_cfg = TrainConfig(**{**asdict(cfg), "steps_per_task": cfg.steps_per_task * len(self.order)})
+            first = self.tasks[self.order[0]]
+            m.before_task(first, 0)
+            stats = train_task(self.model, m, union, joint_cfg, self.pad_id, cfg.seed, "multitask", self.progress)
+            sb = m.state_bytes()
+            m.after_task(first, consolidation_batches(union, cfg, self.pad_id, self.device, cfg.seed))
+            evals, eval_s = self.evaluate(self.order)
+            st = self._stage(len(self.order) - 1, "all", stats, evals, eval_s, sb)
+            if on_stage:
+                on_stage(len(self.order) - 1, st)
+            return [st]
+        for j, name in enumerate(self.order):
+            if j < start_stage:
+                continue
+            task = self.tasks[name]
+            seed = cfg.seed * 1000 + j
+            torch.manual_seed(seed)
+            m.before_task(task, j)
+            stats = train_task(self.model, m, task.train, cfg, self.pad_id, seed,
+                               f"[{j + 1}/{len(self.order)}] {m.name}:{name}", self.progress)
+            state_bytes = m.state_bytes()  # measured at the end of training, before consolidation frees it
+            m.after_task(task, consolidation_batches(task.train, cfg, self.pad_id, self.device, seed))
+            evals, eval_s = self.evaluate(self.order[: j + 1])
+            st = self._stage(j, name, stats, evals, eval_s, state_bytes)
+            stages.append(st)
+            if on_stage:
+                on_stage(j, st)
+        return stages
