@@ -102,4 +102,4 @@ def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
 
     dev = next(model.parameters()).device
     ids = [dev.index] if dev.type == "cuda" else None
-    return DDP(model, device_ids=ids, broadcast_buffers=False)
+    return DDP(model, device_ids=ids)

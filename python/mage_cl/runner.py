@@ -7,7 +7,8 @@ does; the CLI (:mod:`mage_cl.cli`) only parses arguments. Two data/model sources
   small pretrained joint-vocabulary LLaMA of :mod:`mage_cl.model`;
 * ``model_path`` + ``data_dir``: a local transformers checkpoint and Continual-NExT
   annotation files (``<data_dir>/<task>/train.jsonl`` and ``<data_dir>/<task>/test.json``
-  for the text-output tasks found there), loaded by :mod:`mage_cl.tasks.realdata`.
+  for the text-output tasks found there; ``<task>`` is ``vqa`` or ``VQAv2``, ``classification``
+  or ``ImageNet``, ``ocr`` or ``OCRVQA``, ``grounding`` or ``RefCOCO``), loaded by :mod:`mage_cl.tasks.realdata`.
 
 A run writes ``<out>/checkpoint.{pt,json}`` after every stage (rank 0 only) and, when
 finished, its results directory (:mod:`mage_cl.results`).
@@ -101,18 +102,26 @@ def prepare(opts: RunOptions, preset: Preset) -> Workload:
         from .model import load_local_model
         from .tasks import realdata
 
-        model, tok = load_local_model(opts.model_path)
-        tasks = {}
+        found = {}
         for name in names:
             if name not in TEXT_OUTPUT_TASKS:
                 continue
-            folder = Path(opts.data_dir) / name
-            train, test = folder / "train.jsonl", folder / "test.json"
-            if train.exists() and test.exists():
-                tasks[name] = realdata.load_task(name, str(train), str(test), tok)
-        if not tasks:
+            for folder_name in (name, getattr(realdata, "TEXT_TASKS", {}).get(name, name)):
+                folder = Path(opts.data_dir) / folder_name
+                train, test = folder / "train.jsonl", folder / "test.json"
+                if train.exists() and test.exists():
+                    found[name] = (train, test)
+                    break
+        if not found:
             raise UsageError(f"--data-dir {opts.data_dir}: found no <task>/train.jsonl + <task>/test.json for the "
                              f"text-output tasks {', '.join(TEXT_OUTPUT_TASKS)}")
+        model, tok = load_local_model(opts.model_path)
+        tasks = {}
+        for name, (tr, te) in found.items():
+            try:
+                tasks[name] = realdata.load_task(name, str(tr), str(te), tok)
+            except (ValueError, OSError) as exc:  # malformed annotations: one clear line
+                raise UsageError(f"{name}: {exc}") from None
         names = [n for n in names if n in tasks]
         info = {"model": os.path.abspath(opts.model_path), "data": os.path.abspath(opts.data_dir)}
         return Workload(tasks, names, model, tok.pad_token_id, tok.eos_token_id, info)
@@ -171,6 +180,7 @@ def _run(opts: RunOptions, preset: Preset, work: Optional[Workload], write: bool
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model = copy.deepcopy(work.base_model).to(device)
     method = make_method(opts.method)
+    torch.manual_seed(opts.seed)  # adapter initialization (A ~ N(0, 0.01^2), MoELoRA router)
     method.setup(model)
     out = Path(opts.out) if opts.out else None
     config = _config(opts, preset, work)
