@@ -10,7 +10,7 @@ Public API (see README.md):
   explicit kernel backend choice (``triton`` | ``cuda`` | ``torch``).
 """
 
-from .backend import (
+from .backends import (
     BackendUnavailableError,
     backend,
     backend_info,

@@ -12,7 +12,7 @@ torch and nvcc are present) registers its kernels as torch ops in the
 
 Each has exactly the schema of the Python-side op of the same name in the
 ``mage`` namespace (``torch.ops.mage.<name>``), which dispatches to it when the
-``"cuda"`` backend is selected (:mod:`mage_kernels.backend`);
+``"cuda"`` backend is selected (:mod:`mage_kernels.backends`);
 :func:`schema_mismatches` checks that. Importing the package never fails
 because the extension is missing: :func:`load` returns ``None`` and
 :func:`why_unavailable` says why.

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .backend import BACKENDS, resolve_backend, use_backend
+from .backends import BACKENDS, resolve_backend, use_backend
 from .inject import adapter_parameters
 
 __all__ = ["PEMA", "DEMA", "pema_update_"]

@@ -14,7 +14,7 @@ fisher_a, fisher_b, token_weight, num_samples, fisher_scale) -> (y, u)``
     place (SPEC section 2) without materializing per-sample gradients.
 
 Both have fake (meta) implementations, so they trace under ``torch.compile``.
-Each op dispatches to the backend chosen by :mod:`mage_kernels.backend` through
+Each op dispatches to the backend chosen by :mod:`mage_kernels.backends` through
 three primitives (shrink GEMM, concatenated-K GEMM, weight gradient with
 Fisher), which exist for every backend with the same semantics.
 
@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from .backend import resolve_backend
+from .backends import resolve_backend
 
 __all__ = ["lora_linear", "contiguous_runs", "primitives"]
 
@@ -60,7 +60,7 @@ class _Primitives:
 
 
 def primitives(device: torch.device) -> _Primitives:
-    """The primitives of the backend that :func:`~mage_kernels.backend.resolve_backend` picks."""
+    """The primitives of the backend that :func:`~mage_kernels.backends.resolve_backend` picks."""
     # The CUDA extension implements the weight-gradient primitive (not the GEMMs):
     # resolve for that op, so backend "cuda" uses it and runs the rest on Triton.
     name = resolve_backend(device, "weight_grad_with_fisher")

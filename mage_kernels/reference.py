@@ -1,7 +1,7 @@
 """Plain-PyTorch reference implementations of every kernel in the library.
 
 These are the ground truth the Triton and CUDA kernels are tested against, and
-the ``"torch"`` backend of the ops (see :mod:`mage_kernels.backend`). They favour
+the ``"torch"`` backend of the ops (see :mod:`mage_kernels.backends`). They favour
 clarity over speed. Formulas follow ``SPEC.md`` (the project's algorithm spec):
 
 * section 1: the four-adapter LoRA sum ``y = x W0^T + b + s * sum_k B_k A_k x``;

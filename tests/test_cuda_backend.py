@@ -18,7 +18,7 @@ import torch
 
 import mage_kernels
 from mage_kernels import cuda_extension, reference
-from mage_kernels.backend import triton_interpreter
+from mage_kernels.backends import triton_interpreter
 
 _REQUIRE = os.environ.get("MAGE_REQUIRE_CUDA_EXTENSION", "0") not in ("", "0")
 _REASON: Optional[str] = None

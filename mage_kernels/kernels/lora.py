@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import triton_interpreter
+from ..backends import triton_interpreter
 
 __all__ = ["shrink", "matmul_concat_k", "SUPPORTED_DTYPES", "dot_allows_tf32"]
 

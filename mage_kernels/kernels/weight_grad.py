@@ -30,7 +30,7 @@ partial tiles to a ``[splits, P, Q]`` workspace that is summed afterwards
 ``triton`` backend of :mod:`mage_kernels.lora_op` uses).
 ``torch.ops.mage.weight_grad_with_fisher`` (registered here, with a fake
 implementation for ``torch.compile``) dispatches it by
-:func:`mage_kernels.backend.resolve_backend` to the torch reference, this Triton
+:func:`mage_kernels.backends.resolve_backend` to the torch reference, this Triton
 kernel, or the CUDA extension's ``torch.ops.mage_cuda.weight_grad_with_fisher``.
 Semantics are exactly :func:`mage_kernels.reference.weight_grad_with_fisher`.
 """
@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ..backend import resolve_backend, triton_interpreter
+from ..backends import resolve_backend, triton_interpreter
 from .lora import SUPPORTED_DTYPES, dot_allows_tf32, num_sms
 
 __all__ = ["weight_grad_with_fisher", "weight_grad_with_fisher_op", "OP_SCHEMA"]
