@@ -184,7 +184,11 @@ def _setup_context(ctx, inputs, output):
      fisher_a, fisher_b, token_weight, num_samples, fisher_scale) = inputs
     _, u = output
     separate = x_lora is not None
-    ctx.save_for_backward(x_lora if separate else x, weight, lora_a, lora_b, u, fisher_a, fisher_b, token_weight)
+    ctx.save_for_backward(x_lora if separate else x, weight, lora_a, lora_b, u, token_weight)
+    # The Fisher buffers are accumulators the backward writes into, not inputs whose value the
+    # backward reads: keep them out of save_for_backward, whose version check would reject a
+    # layer applied twice in one graph (both backwards add into the same buffer) or a reset.
+    ctx.fisher_buffers = (fisher_a, fisher_b)
     ctx.scaling = scaling
     ctx.trainable_rows = list(trainable_rows)
     ctx.separate = separate
@@ -193,7 +197,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_u):
-    xl, weight, lora_a, lora_b, u, fisher_a, fisher_b, token_weight = ctx.saved_tensors
+    xl, weight, lora_a, lora_b, u, token_weight = ctx.saved_tensors
+    fisher_a, fisher_b = ctx.fisher_buffers
     need = ctx.needs_input_grad
     if need[1] or need[2]:
         raise NotImplementedError(
