@@ -109,7 +109,10 @@ class MageLinear(nn.Module):
         self.quantized = _is_quantized(base)
         if dtype is None:
             w = getattr(base, "weight", None)
-            dtype = w.dtype if (w is not None and w.is_floating_point() and not self.quantized) else torch.float32
+            if self.quantized:  # bitsandbytes: adapters in the layer's compute dtype (the activations' dtype)
+                dtype = getattr(base, "compute_dtype", None) or torch.float32
+            else:
+                dtype = w.dtype if (w is not None and w.is_floating_point()) else torch.float32
         if device is None and getattr(base, "weight", None) is not None:
             device = base.weight.device
         self.lora_A = nn.ParameterList(
