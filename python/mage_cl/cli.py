@@ -4,7 +4,7 @@ Subcommands::
 
     mage-cl run     --method mage --order default --preset {smoke,cpu,gpu} [--seed 0] [--out DIR]
                     [--resume] [--model PATH --data-dir DIR] [--backend auto|torch|triton|cuda]
-    mage-cl compare --methods lora,mage,... [same options]
+    mage-cl compare --methods lora,mage,...|all [--jobs N] [same options]
     mage-cl demo    [--steps 20]
 
 ``run`` trains one method through the six-task sequence and writes a results directory
@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--method", default="mage")
     _common(run)
     cmp_ = sub.add_parser("compare", help="run several methods and write one combined table")
-    cmp_.add_argument("--methods", required=True, help="comma-separated, e.g. lora,cia,mage")
+    cmp_.add_argument("--methods", required=True, help="comma-separated, e.g. lora,cia,mage (or 'all')")
+    cmp_.add_argument("--jobs", type=int, default=1, help="methods to run at once in worker processes")
     _common(cmp_)
     demo = sub.add_parser("demo", help="train a small MageLinear model for a few steps and print its loss")
     demo.add_argument("--steps", type=int, default=20)
@@ -86,8 +87,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if not record["complete"]:
                     print(f"stopped after {len(record['stage_avg_acc'])} stage(s); continue with --resume")
         else:
-            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            _, md = compare(methods, opts)
+            if args.methods.strip() == "all":
+                from .methods import METHODS
+
+                methods = list(METHODS)
+            else:
+                methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            _, md = compare(methods, opts, jobs=args.jobs)
             if distributed.is_main():
                 print(md, end="")
     except (UsageError, CheckpointError) as exc:

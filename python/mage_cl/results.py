@@ -78,6 +78,7 @@ def build_record(method: str, names: Sequence[str], paper_names: Sequence[str], 
         "eval_seconds": sum(st["eval_seconds"] for st in stages),
         "tokens_per_second": tokens / train_s if train_s > 0 else float("nan"),
         "final_loss": [st["final_loss"] for st in stages],
+        "diagnostics": [st.get("extra", {}) for st in stages],
         **meta,
     }
 

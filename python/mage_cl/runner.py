@@ -234,28 +234,46 @@ class _Stop(Exception):
     """Raised by the stage callback to stop after ``max_stages``."""
 
 
-def compare(methods: Sequence[str], opts: RunOptions) -> Tuple[List[Dict[str, object]], str]:
-    """Run every method on the same tasks and base model; write one combined table. Returns (records, md)."""
+def _run_in_worker(opts: RunOptions) -> Dict[str, object]:
+    """One method of a comparison in a worker process (its own workload; the base model comes from the cache)."""
+    return run(opts)
+
+
+def compare(methods: Sequence[str], opts: RunOptions, jobs: int = 1) -> Tuple[List[Dict[str, object]], str]:
+    """Run every method on the same tasks and base model; write one combined table. Returns (records, md).
+
+    ``jobs > 1`` runs that many methods at once in worker processes (each with the
+    preset's thread count); the base model is pretrained once, before the workers start.
+    """
     for m in methods:
         if m not in METHODS:
             raise UsageError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     if not methods:
         raise UsageError("--methods is empty")
+    if jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    if jobs > 1 and distributed.is_distributed():
+        raise UsageError("--jobs cannot be combined with torchrun (DDP already uses the processes)")
     preset = _validate(replace(opts, method=methods[0]))
     mk.set_backend(opts.backend)
     t0 = time.perf_counter()
     with _cpu_threads(preset.cpu_threads):
         work = prepare(opts, preset)
-    records = []
-    for m in methods:
-        sub = replace(opts, method=m, out=str(Path(opts.out) / m) if opts.out else None)
-        records.append(run(sub, work))
+    subs = [replace(opts, method=m, out=str(Path(opts.out) / m) if opts.out else None) for m in methods]
+    if jobs == 1:
+        records = [run(sub, work) for sub in subs]
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        subs = [replace(sub, progress=False) for sub in subs]
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            records = list(pool.map(_run_in_worker, subs))
     wall = time.perf_counter() - t0
     header = (f"Continual sequence ({opts.order} order, preset {opts.preset}, seed {opts.seed}); "
               f"{records[0]['device']}; backend {records[0]['backend']}; "
-              f"{preset.train.steps_per_task} steps/task; total wall time {wall / 60:.1f} min "
+              f"{preset.train.steps_per_task} steps/task; {jobs} job(s); total wall time {wall / 60:.1f} min "
               f"({datetime.date.today().isoformat()}).\n\n")
-    md = ""
     if opts.out and distributed.is_main():
         md = results.write_comparison(Path(opts.out), records, header)
     else:

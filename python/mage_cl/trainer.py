@@ -336,9 +336,11 @@ class Sequencer:
             stats = train_task(self.model, m, task.train, cfg, self.pad_id, seed,
                                f"[{j + 1}/{len(self.order)}] {m.name}:{name}", self.progress)
             state_bytes = m.state_bytes()  # measured at the end of training, before consolidation frees it
+            diag = m.diagnostics()
             m.after_task(task, consolidation_batches(task.train, cfg, self.pad_id, self.device, seed))
             evals, eval_s = self.evaluate(self.order[: j + 1])
             st = self._stage(j, name, stats, evals, eval_s, state_bytes)
+            st.extra.update(diag)
             stages.append(st)
             if on_stage:
                 on_stage(j, st)

@@ -149,6 +149,10 @@ class Method:
     def state_bytes(self) -> int:
         return 0
 
+    def diagnostics(self) -> Dict[str, float]:
+        """Method-specific numbers about the task just trained (e.g. how often PEMA fell back)."""
+        return {}
+
     def state_dict(self) -> Dict[str, object]:
         """Between-task state for checkpoints (tensors on CPU)."""
         return {}

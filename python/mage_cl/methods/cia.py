@@ -36,3 +36,8 @@ class CIA(Method):
 
     def state_bytes(self) -> int:
         return int(mk.persistent_state_bytes(self.dema))
+
+    def diagnostics(self):
+        """Share of DEMA's per-tensor updates this task that used the fallback alpha (SPEC section 4)."""
+        total = self.dema.steps * len(self.dema.params)
+        return {"dema_fallback_fraction": self.dema.fallback_count / total if total else float("nan")}

@@ -64,6 +64,7 @@ class MAGE(EWGA):
     def state_bytes(self) -> int:
         return int(mk.persistent_state_bytes(self.pema))
 
-    @property
-    def fallback_count(self) -> int:
-        return int(getattr(self.pema, "fallback_count", 0))
+    def diagnostics(self):
+        """Share of PEMA's elementwise updates this task that used ``beta_fallback`` (SPEC section 3)."""
+        total = self.pema.steps * sum(p.numel() for p in self.pema.params)
+        return {"pema_fallback_fraction": self.pema.fallback_count / total if total else float("nan")}
