@@ -1,4 +1,16 @@
-"""Test configuration: Triton kernels run in the CPU interpreter."""
+"""Test configuration: where the Triton kernels under test run.
+
+* On a machine without a usable CUDA GPU (CI, laptops), ``TRITON_INTERPRET=1``
+  is set here so that the Triton kernels run in Triton's CPU interpreter on CPU
+  tensors.
+* On a GPU machine with ``TRITON_INTERPRET=0`` exported (``bench/gpu_check.sh``),
+  the same tests build their tensors on CUDA through the ``device`` fixture, so
+  the *compiled* kernels are checked against the float64 references.
+
+Tests of the Triton backend take the ``device`` fixture; tests that only make
+sense in the interpreter (e.g. forcing the GPU tile sizes on CPU) take
+``interpreter_only``, which skips them on the GPU path with a reason.
+"""
 
 import os
 
@@ -9,12 +21,51 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def triton_device() -> torch.device:
+    """``cuda`` when a CUDA device is available and the Triton interpreter is off, else ``cpu``."""
+    interpreter = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if torch.cuda.is_available() and not interpreter:
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device the Triton-backend tests put their tensors and modules on (see :func:`triton_device`)."""
+    return triton_device()
+
+
+@pytest.fixture
+def interpreter_only(device: torch.device) -> None:
+    """Skip a test that only makes sense in Triton's CPU interpreter when the compiled GPU path runs."""
+    if device.type != "cpu":
+        pytest.skip("interpreter-only check: on the GPU the other tests already run the compiled tile sizes")
+
+
+@pytest.fixture
+def gpu_device(device: torch.device) -> torch.device:
+    """The CUDA device for GPU-only checks (bf16, large shapes); skips unless the compiled GPU path runs."""
+    if device.type != "cuda":
+        pytest.skip("needs a CUDA GPU and compiled Triton (TRITON_INTERPRET unset or 0)")
+    return device
+
+
+def pytest_report_header(config) -> str:
+    device = triton_device()
+    where = "compiled, CUDA tensors" if device.type == "cuda" else "TRITON_INTERPRET=1, CPU tensors"
+    return f"mage-kernels Triton tests: device={device} ({where})"
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_backend():
-    """Fresh random inputs per test (seeded for reproducibility) and the default backend."""
+    """Fresh random inputs per test (seeded for reproducibility), the default backend, and IEEE fp32
+    matmuls on CUDA (the fp32 tolerances assume no TF32, in the kernels and in torch's references)."""
     import mage_kernels
 
     torch.manual_seed(1234)
     mage_kernels.set_backend(None)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
     yield
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     mage_kernels.set_backend(None)

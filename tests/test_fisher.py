@@ -12,6 +12,10 @@ the per-sample Fisher of the *weighted* loss ``sum_t w_nt * loss_nt`` -- and
 differ from the Fisher of the unweighted loss (checked, so a kernel that ignored
 the weights would fail). The batch gradient of the same backward is that of the
 unweighted training loss (autograd of ``reference.lora_linear``).
+
+The comparisons against the reference run on the ``device`` fixture
+(tests/conftest.py): Triton's interpreter on CPU, or the compiled kernels on CUDA
+(where backend ``"auto"`` is Triton too); the float64 references run there as well.
 """
 
 from __future__ import annotations
@@ -126,19 +130,19 @@ def reference_batch_grad(model, batches, reduction: str) -> Dict[str, torch.Tens
     return {k: v.grad for k, v in tp.items()}
 
 
-def make_batches(sizes, T, d_in, d_out, padding=True):
+def make_batches(sizes, T, d_in, d_out, device: torch.device, padding=True):
     batches = []
     for n in sizes:
-        x = torch.randn(n, T, d_in)
-        target = torch.randn(n, T, d_out)
+        x = torch.randn(n, T, d_in, device=device)
+        target = torch.randn(n, T, d_out, device=device)
         if padding:
             # ragged lengths (>= 1 real token) plus fractional weights on real tokens
-            lengths = torch.randint(1, T + 1, (n,))
-            mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
-            w = mask * (0.25 + 0.75 * torch.rand(n, T))
+            lengths = torch.randint(1, T + 1, (n,), device=device)
+            mask = (torch.arange(T, device=device)[None, :] < lengths[:, None]).float()
+            w = mask * (0.25 + 0.75 * torch.rand(n, T, device=device))
             w[0] = mask[0]  # one sample with a plain 0/1 mask
         else:
-            w = torch.ones(n, T)
+            w = torch.ones(n, T, device=device)
         batches.append((x, target, w))
     return batches
 
@@ -164,12 +168,12 @@ class _null:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_single_layer_matches_vmap_grad(backend, reduction):
-    layer = mk.MageLinear(7, 5, r=3, dropout=0.0)
+def test_single_layer_matches_vmap_grad(backend, reduction, device):
+    layer = mk.MageLinear(7, 5, r=3, dropout=0.0, device=device)
     randomize(layer)
     layer.set_trainable([0, 2])  # adapters 1 and 3 frozen
     fisher = mk.Fisher(layer, loss_reduction=reduction)
-    batches = make_batches([3, 2], T=4, d_in=7, d_out=5)  # two micro-batches, N = 3 then 2
+    batches = make_batches([3, 2], T=4, d_in=7, d_out=5, device=device)  # two micro-batches, N = 3 then 2
     with mk.use_backend(backend):
         run_training_backward(layer, fisher, batches, reduction)
     weighted, plain = reference_per_sample(layer, batches)
@@ -198,12 +202,12 @@ def test_single_layer_matches_vmap_grad(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_two_layer_model_counts_samples_once_and_names_match(backend):
-    model = mk.inject(TwoLayer(), ["up", "down"], r=2, dropout=0.0)
+def test_two_layer_model_counts_samples_once_and_names_match(backend, device):
+    model = mk.inject(TwoLayer().to(device), ["up", "down"], r=2, dropout=0.0)
     randomize(model)
     mk.set_trainable(model, [1, 3])
     fisher = mk.Fisher(model, loss_reduction="mean")
-    batches = make_batches([4, 3], T=5, d_in=6, d_out=5)
+    batches = make_batches([4, 3], T=5, d_in=6, d_out=5, device=device)
     with mk.use_backend(backend):
         run_training_backward(model, fisher, batches, "mean")
     assert fisher.num_samples == 7  # once per model forward, not once per layer
@@ -220,12 +224,12 @@ def test_two_layer_model_counts_samples_once_and_names_match(backend):
         assert_close_rel(params[name].grad, g, what=f"grad {name}")
 
 
-def test_without_token_weight_two_dim_input_and_no_padding():
-    """[N, d_in] inputs (T = 1 implicitly) and no token weights: plain per-sample Fisher."""
-    layer = mk.MageLinear(6, 4, r=2, dropout=0.0)
+def test_without_token_weight_two_dim_input_and_no_padding(device):
+    """[N, d_in] inputs (T = 1 implicitly) and no token weights: plain per-sample Fisher (backend "auto")."""
+    layer = mk.MageLinear(6, 4, r=2, dropout=0.0, device=device)
     randomize(layer)
     fisher = mk.Fisher(layer, loss_reduction="sum")
-    x, target = torch.randn(6, 6), torch.randn(6, 4)
+    x, target = torch.randn(6, 6, device=device), torch.randn(6, 4, device=device)
     token_losses(layer(x), target).sum().backward()
     f = layer_fn(layer, "")
     tp = trainable(layer)
@@ -236,11 +240,11 @@ def test_without_token_weight_two_dim_input_and_no_padding():
         assert_close_rel(v, per[name].pow(2).mean(0), what=name)
 
 
-def test_reset_loss_scale_and_no_count_without_backward():
-    layer = mk.MageLinear(5, 4, r=2, dropout=0.0)
+def test_reset_loss_scale_and_no_count_without_backward(device):
+    layer = mk.MageLinear(5, 4, r=2, dropout=0.0, device=device)
     randomize(layer)
     fisher = mk.Fisher(layer, loss_reduction="mean")
-    x, target = torch.randn(3, 2, 5), torch.randn(3, 2, 4)
+    x, target = torch.randn(3, 2, 5, device=device), torch.randn(3, 2, 4, device=device)
     token_losses(layer(x), target).sum(-1).mean().backward()
     first = {k: v.clone() for k, v in fisher.values().items()}
     fisher.reset()

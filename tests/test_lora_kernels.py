@@ -1,6 +1,8 @@
 """Triton ``shrink`` and ``matmul_concat_k`` (mage_kernels/kernels/lora.py) against the reference.
 
-Run under ``TRITON_INTERPRET=1`` (tests/conftest.py). The reference is evaluated on
+The tensors live on the ``device`` fixture (tests/conftest.py): CPU tensors in
+Triton's interpreter (``TRITON_INTERPRET=1``), or CUDA tensors and the compiled
+kernels on a GPU machine. The reference is evaluated on
 float64 copies of the inputs, so the only error left is the kernel's own (fp32
 accumulation, output rounding). Shapes are ragged (not multiples of any block).
 """
@@ -28,15 +30,15 @@ def assert_matches(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype
     assert err <= REL_TOL[dtype] * scale, f"max error {err:.3g} vs reference scale {scale:.3g}"
 
 
-def strided(shape, dtype, kind: str) -> torch.Tensor:
+def strided(shape, dtype, kind: str, device: torch.device) -> torch.Tensor:
     """A random ``shape`` tensor that is contiguous, a transposed view, or a column-strided slice."""
     rows, cols = shape
     if kind == "contiguous":
-        return torch.randn(rows, cols, dtype=dtype)
+        return torch.randn(rows, cols, dtype=dtype, device=device)
     if kind == "transposed":
-        return torch.randn(cols, rows, dtype=dtype).t()
+        return torch.randn(cols, rows, dtype=dtype, device=device).t()
     if kind == "sliced":
-        return torch.randn(rows, 2 * cols + 3, dtype=dtype)[:, 1 : 2 * cols + 1 : 2]
+        return torch.randn(rows, 2 * cols + 3, dtype=dtype, device=device)[:, 1 : 2 * cols + 1 : 2]
     raise ValueError(kind)
 
 
@@ -48,26 +50,26 @@ SHRINK_SHAPES = [(37, 50, 12), (1, 16, 32), (70, 33, 3), (19, 200, 150)]  # (M, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,r", SHRINK_SHAPES)
 @pytest.mark.parametrize("a_kind", ["contiguous", "transposed"])
-def test_shrink_matches_reference(dtype, m, k, r, a_kind):
-    x = torch.randn(m, k, dtype=dtype)
-    a = strided((r, k), dtype, a_kind)
+def test_shrink_matches_reference(dtype, m, k, r, a_kind, device):
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    a = strided((r, k), dtype, a_kind, device)
     out = lora.shrink(x, a, 0.75)
     assert_matches(out, reference.shrink(x.double(), a.double(), 0.75), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_shrink_non_contiguous_x_and_default_scale(dtype):
-    x = strided((23, 41), dtype, "sliced")
-    a = strided((9, 41), dtype, "sliced")
+def test_shrink_non_contiguous_x_and_default_scale(dtype, device):
+    x = strided((23, 41), dtype, "sliced", device)
+    a = strided((9, 41), dtype, "sliced", device)
     assert not x.is_contiguous() and not a.is_contiguous()
     out = lora.shrink(x, a)
     assert_matches(out, reference.shrink(x.double(), a.double()), dtype)
 
 
-def test_shrink_of_all_four_adapters_equals_per_adapter_shrinks():
+def test_shrink_of_all_four_adapters_equals_per_adapter_shrinks(device):
     """One launch over cat(A_0..A_3) gives each adapter's own u_k = x A_k^T side by side."""
-    x = torch.randn(29, 40)
-    adapters = [torch.randn(3, 40) for _ in range(4)]
+    x = torch.randn(29, 40, device=device)
+    adapters = [torch.randn(3, 40, device=device) for _ in range(4)]
     u = lora.shrink(x, torch.cat(adapters, 0))
     for k, a_k in enumerate(adapters):
         expected = x.double() @ a_k.double().t()
@@ -75,15 +77,15 @@ def test_shrink_of_all_four_adapters_equals_per_adapter_shrinks():
         assert err <= 2e-6 * expected.abs().max().item()
 
 
-def test_shrink_empty_batch_and_empty_k():
-    a = torch.randn(8, 5)
-    out = lora.shrink(torch.randn(0, 5), a)
+def test_shrink_empty_batch_and_empty_k(device):
+    a = torch.randn(8, 5, device=device)
+    out = lora.shrink(torch.randn(0, 5, device=device), a)
     assert out.shape == (0, 8)
-    out = lora.shrink(torch.randn(4, 0), torch.randn(8, 0))
-    assert torch.equal(out, torch.zeros(4, 8))
+    out = lora.shrink(torch.randn(4, 0, device=device), torch.randn(8, 0, device=device))
+    assert torch.equal(out, torch.zeros(4, 8, device=device))
 
 
-def test_shrink_gpu_tile_sizes_in_the_interpreter(monkeypatch):
+def test_shrink_gpu_tile_sizes_in_the_interpreter(monkeypatch, interpreter_only):
     """The block sizes the GPU path picks (bigger than the interpreter's) are correct too."""
     monkeypatch.setattr(lora, "triton_interpreter", lambda: False)
     x, a = torch.randn(70, 130), torch.randn(40, 130)
@@ -98,13 +100,13 @@ CONCAT_SHAPES = [(37, 50, 29, 12), (1, 16, 64, 32), (45, 70, 33, 3)]  # (M, K1, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k1,n,k2", CONCAT_SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_matmul_concat_k_forward_layout(dtype, m, k1, n, k2, with_bias):
+def test_matmul_concat_k_forward_layout(dtype, m, k1, n, k2, with_bias, device):
     """The forward's ``[x | s u] @ [W0 | B]^T`` with the op's transposed-view operands."""
-    x = torch.randn(m, k1, dtype=dtype)
-    weight = torch.randn(n, k1, dtype=dtype)
-    u = torch.randn(m, k2, dtype=dtype)
-    lora_b = torch.randn(n, k2, dtype=dtype)
-    bias = torch.randn(n, dtype=dtype) if with_bias else None
+    x = torch.randn(m, k1, dtype=dtype, device=device)
+    weight = torch.randn(n, k1, dtype=dtype, device=device)
+    u = torch.randn(m, k2, dtype=dtype, device=device)
+    lora_b = torch.randn(n, k2, dtype=dtype, device=device)
+    bias = torch.randn(n, dtype=dtype, device=device) if with_bias else None
     out = lora.matmul_concat_k(x, weight.t(), u, lora_b.t(), 1.5, bias)
     expected = reference.matmul_concat_k(
         x.double(), weight.t().double(), u.double(), lora_b.t().double(), 1.5,
@@ -114,12 +116,12 @@ def test_matmul_concat_k_forward_layout(dtype, m, k1, n, k2, with_bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matmul_concat_k_input_grad_layout(dtype):
+def test_matmul_concat_k_input_grad_layout(dtype, device):
     """The input gradient's ``[dY | s G] @ [W0 ; A]`` (contiguous b operands, strided a operands)."""
-    grad_y = strided((31, 27), dtype, "transposed")
-    weight = torch.randn(27, 45, dtype=dtype)
-    g = strided((31, 12), dtype, "sliced")
-    lora_a = torch.randn(12, 45, dtype=dtype)
+    grad_y = strided((31, 27), dtype, "transposed", device)
+    weight = torch.randn(27, 45, dtype=dtype, device=device)
+    g = strided((31, 12), dtype, "sliced", device)
+    lora_a = torch.randn(12, 45, dtype=dtype, device=device)
     out = lora.matmul_concat_k(grad_y, weight, g, lora_a, 0.5)
     expected = reference.matmul_concat_k(grad_y.double(), weight.double(), g.double(), lora_a.double(), 0.5)
     assert_matches(out, expected, dtype)
@@ -127,18 +129,18 @@ def test_matmul_concat_k_input_grad_layout(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_matmul_concat_k_without_second_chunk(dtype, with_bias):
-    a1 = torch.randn(37, 50, dtype=dtype)
-    b1 = strided((50, 29), dtype, "transposed")
-    bias = torch.randn(29, dtype=dtype) if with_bias else None
+def test_matmul_concat_k_without_second_chunk(dtype, with_bias, device):
+    a1 = torch.randn(37, 50, dtype=dtype, device=device)
+    b1 = strided((50, 29), dtype, "transposed", device)
+    bias = torch.randn(29, dtype=dtype, device=device) if with_bias else None
     out = lora.matmul_concat_k(a1, b1, bias=bias)
     expected = reference.matmul_concat_k(a1.double(), b1.double(), bias=None if bias is None else bias.double())
     assert_matches(out, expected, dtype)
 
 
-def test_matmul_concat_k_scale_applies_only_to_second_chunk():
-    a1, b1 = torch.randn(20, 17), torch.randn(17, 19)
-    a2, b2 = torch.randn(20, 5), torch.randn(5, 19)
+def test_matmul_concat_k_scale_applies_only_to_second_chunk(device):
+    a1, b1 = torch.randn(20, 17, device=device), torch.randn(17, 19, device=device)
+    a2, b2 = torch.randn(20, 5, device=device), torch.randn(5, 19, device=device)
     base = lora.matmul_concat_k(a1, b1)
     with_zero = lora.matmul_concat_k(a1, b1, a2, b2, 0.0)
     torch.testing.assert_close(with_zero, base, rtol=0, atol=1e-6)
@@ -148,7 +150,7 @@ def test_matmul_concat_k_scale_applies_only_to_second_chunk():
 
 
 @pytest.mark.parametrize("config_index", [0, 1])  # 128x256x64 and 128x128x64
-def test_matmul_concat_k_gpu_tile_sizes_in_the_interpreter(monkeypatch, config_index):
+def test_matmul_concat_k_gpu_tile_sizes_in_the_interpreter(monkeypatch, config_index, interpreter_only):
     """The H100 autotune tiles are correct too (one config at a time: no timing in the interpreter)."""
     monkeypatch.setattr(lora, "triton_interpreter", lambda: False)
     config = lora._concat_k_configs()[config_index]
@@ -161,46 +163,52 @@ def test_matmul_concat_k_gpu_tile_sizes_in_the_interpreter(monkeypatch, config_i
     assert_matches(out, expected, torch.float32)
 
 
-def test_matmul_concat_k_empty_batch():
-    out = lora.matmul_concat_k(torch.randn(0, 6), torch.randn(6, 7), torch.randn(0, 2), torch.randn(2, 7), 1.0,
-                               torch.randn(7))
+def test_matmul_concat_k_empty_batch(device):
+    def rand(*shape):
+        return torch.randn(*shape, device=device)
+
+    out = lora.matmul_concat_k(rand(0, 6), rand(6, 7), rand(0, 2), rand(2, 7), 1.0, rand(7))
     assert out.shape == (0, 7)
 
 
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_float64_is_rejected_with_a_clear_error():
-    x, a = torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+def test_float64_is_rejected_with_a_clear_error(device):
+    x = torch.randn(4, 8, dtype=torch.float64, device=device)
+    a = torch.randn(3, 8, dtype=torch.float64, device=device)
     with pytest.raises(TypeError, match="float64"):
         lora.shrink(x, a)
     with pytest.raises(TypeError, match="float64"):
         lora.matmul_concat_k(x, a.t())
 
 
-def test_mixed_dtypes_and_bad_shapes_are_rejected():
+def test_mixed_dtypes_and_bad_shapes_are_rejected(device):
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(*shape, dtype=dtype, device=device)
+
     with pytest.raises(TypeError, match="cast them to one dtype"):
-        lora.shrink(torch.randn(4, 8), torch.randn(3, 8, dtype=torch.float16))
+        lora.shrink(rand(4, 8), rand(3, 8, dtype=torch.float16))
     with pytest.raises(ValueError, match="last dimensions must match"):
-        lora.shrink(torch.randn(4, 8), torch.randn(3, 7))
+        lora.shrink(rand(4, 8), rand(3, 7))
     with pytest.raises(ValueError, match="inner dimensions"):
-        lora.matmul_concat_k(torch.randn(4, 8), torch.randn(7, 5))
+        lora.matmul_concat_k(rand(4, 8), rand(7, 5))
     with pytest.raises(ValueError, match="both a2 and b2"):
-        lora.matmul_concat_k(torch.randn(4, 8), torch.randn(8, 5), a2=torch.randn(4, 2))
+        lora.matmul_concat_k(rand(4, 8), rand(8, 5), a2=rand(4, 2))
     with pytest.raises(ValueError, match="does not fit"):
-        lora.matmul_concat_k(torch.randn(4, 8), torch.randn(8, 5), torch.randn(4, 2), torch.randn(3, 5))
+        lora.matmul_concat_k(rand(4, 8), rand(8, 5), rand(4, 2), rand(3, 5))
     with pytest.raises(ValueError, match="bias must be"):
-        lora.matmul_concat_k(torch.randn(4, 8), torch.randn(8, 5), bias=torch.randn(4))
+        lora.matmul_concat_k(rand(4, 8), rand(8, 5), bias=rand(4))
     with pytest.raises(ValueError, match="2-D"):
-        lora.shrink(torch.randn(2, 4, 8), torch.randn(3, 8))
+        lora.shrink(rand(2, 4, 8), rand(3, 8))
 
 
 # ----------------------------------------------------------------------------- GPU only
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot is only meaningful on a GPU")
-def test_bf16_on_gpu():
-    dev = "cuda"
+def test_bf16_on_gpu(gpu_device):
+    """bf16 ``tl.dot`` is only meaningful compiled on a GPU (the interpreter's bf16 is not)."""
+    dev = gpu_device
     x = torch.randn(300, 257, device=dev, dtype=torch.bfloat16)
     weight = torch.randn(129, 257, device=dev, dtype=torch.bfloat16)
     lora_a = torch.randn(32, 257, device=dev, dtype=torch.bfloat16)

@@ -6,7 +6,9 @@ the SPEC's table, all-trainable and none-trainable, with and without a separate
 dropout input and a bias. Frozen adapters must get no gradient at all. The
 Fisher buffers the op fills in its backward are compared with per-sample
 gradients from ``torch.func.vmap(torch.func.grad(...))`` (SPEC section 2).
-The triton backend runs in Triton's CPU interpreter (tests/conftest.py).
+Both backends run on the ``device`` fixture (tests/conftest.py): CPU tensors and
+Triton's interpreter, or CUDA tensors and the compiled Triton kernels on a GPU
+machine (the float64 references then run on the GPU too).
 """
 
 from __future__ import annotations
@@ -49,14 +51,15 @@ def rows_of(adapters: Sequence[int], r: int = RANK) -> List[int]:
 class Problem:
     """Fresh random weights of one layer: W0, bias, four A_k, four B_k (B_k random, not zero)."""
 
-    def __init__(self, with_bias: bool, dtype=torch.float32):
-        self.weight = torch.randn(D_OUT, D_IN, dtype=dtype) / D_IN**0.5
-        self.bias = torch.randn(D_OUT, dtype=dtype) if with_bias else None
-        self.a = [torch.randn(RANK, D_IN, dtype=dtype) / D_IN**0.5 for _ in range(NUM_ADAPTERS)]
-        self.b = [torch.randn(D_OUT, RANK, dtype=dtype) / RANK**0.5 for _ in range(NUM_ADAPTERS)]
-        self.x = torch.randn(NUM_SAMPLES, TOKENS, D_IN, dtype=dtype)
-        self.grad_y = torch.randn(NUM_SAMPLES, TOKENS, D_OUT, dtype=dtype)
-        self.keep = (torch.rand(NUM_SAMPLES, TOKENS, D_IN) > DROP_P).to(dtype) / (1 - DROP_P)
+    def __init__(self, with_bias: bool, device: torch.device, dtype=torch.float32):
+        kw = dict(dtype=dtype, device=device)
+        self.weight = torch.randn(D_OUT, D_IN, **kw) / D_IN**0.5
+        self.bias = torch.randn(D_OUT, **kw) if with_bias else None
+        self.a = [torch.randn(RANK, D_IN, **kw) / D_IN**0.5 for _ in range(NUM_ADAPTERS)]
+        self.b = [torch.randn(D_OUT, RANK, **kw) / RANK**0.5 for _ in range(NUM_ADAPTERS)]
+        self.x = torch.randn(NUM_SAMPLES, TOKENS, D_IN, **kw)
+        self.grad_y = torch.randn(NUM_SAMPLES, TOKENS, D_OUT, **kw)
+        self.keep = (torch.rand(NUM_SAMPLES, TOKENS, D_IN, device=device) > DROP_P).to(dtype) / (1 - DROP_P)
 
     def reference_grads(self, dropout: bool) -> Dict[str, object]:
         """y and gradients of every input by autograd of the float64 reference."""
@@ -102,16 +105,16 @@ def check_against_reference(got, expected, trainable) -> None:
 @pytest.mark.parametrize("trainable", MASKS, ids=lambda m: "adapters" + "".join(map(str, m)) if m else "frozen")
 @pytest.mark.parametrize("dropout", [False, True], ids=["no_dropout", "dropout"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
-def test_op_matches_float64_reference(backend, trainable, dropout, with_bias):
-    problem = Problem(with_bias)
+def test_op_matches_float64_reference(backend, trainable, dropout, with_bias, device):
+    problem = Problem(with_bias, device)
     with mage_kernels.use_backend(backend):
         got = problem.run_op(trainable, dropout)
     check_against_reference(got, problem.reference_grads(dropout), trainable)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_op_float16(backend):
-    problem = Problem(True, dtype=torch.float16)
+def test_op_float16(backend, device):
+    problem = Problem(True, device, dtype=torch.float16)
     with mage_kernels.use_backend(backend):
         got = problem.run_op((0, 1, 3), dropout=True)
     expected = problem.reference_grads(dropout=True)
@@ -125,8 +128,8 @@ def test_op_float16(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_input(backend):
-    problem = Problem(True)
+def test_non_contiguous_input(backend, device):
+    problem = Problem(True, device)
     x_t = problem.x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
     assert not x_t.is_contiguous()
     problem.x = x_t
@@ -137,10 +140,10 @@ def test_non_contiguous_input(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dropout", [False, True], ids=["no_dropout", "dropout"])
-def test_adapters_only_without_base_weight(backend, dropout):
+def test_adapters_only_without_base_weight(backend, dropout, device):
     """weight=None (a quantized base adds its own output): y and grads of the adapters' part alone."""
-    problem = Problem(True)
-    problem.weight = torch.zeros(D_OUT, D_IN)  # the reference's view of "no base weight"
+    problem = Problem(True, device)
+    problem.weight = torch.zeros(D_OUT, D_IN, device=device)  # the reference's view of "no base weight"
     x = problem.x.clone().requires_grad_()
     a = torch.cat(problem.a, 0).requires_grad_()
     b = torch.cat(problem.b, 1).requires_grad_()
@@ -155,19 +158,19 @@ def test_adapters_only_without_base_weight(backend, dropout):
     assert_close_rel(b.grad, torch.cat(expected["db"], 1))
 
 
-def test_triton_backend_rejects_float64_clearly():
-    problem = Problem(True, dtype=torch.float64)
+def test_triton_backend_rejects_float64_clearly(device):
+    problem = Problem(True, device, dtype=torch.float64)
     with mage_kernels.use_backend("triton"), pytest.raises(TypeError, match="float64"):
         problem.run_op((0,), dropout=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_batch(backend):
-    problem = Problem(True)
-    x = torch.randn(0, TOKENS, D_IN, requires_grad=True)
+def test_empty_batch(backend, device):
+    problem = Problem(True, device)
+    x = torch.randn(0, TOKENS, D_IN, requires_grad=True, device=device)
     a = torch.cat(problem.a, 0).requires_grad_()
     b = torch.cat(problem.b, 1).requires_grad_()
-    fisher_a, fisher_b = torch.rand(a.shape), torch.rand(b.shape)
+    fisher_a, fisher_b = torch.rand(a.shape, device=device), torch.rand(b.shape, device=device)
     before = fisher_a.clone(), fisher_b.clone()
     with mage_kernels.use_backend(backend):
         y = lora_linear(x, problem.weight, problem.bias, a, b, SCALING, fisher_a=fisher_a, fisher_b=fisher_b)
@@ -183,7 +186,7 @@ def test_empty_batch(backend):
 
 def per_sample_fisher_by_vmap(problem: Problem, dropout: bool, token_weight: Optional[torch.Tensor]):
     """sum_n (d loss_n / dA)^2 and (d loss_n / dB)^2 with loss_n = sum_t w_t <y_nt, dY_nt> (float64)."""
-    w = torch.ones(NUM_SAMPLES, TOKENS) if token_weight is None else token_weight
+    w = torch.ones(NUM_SAMPLES, TOKENS, device=problem.x.device) if token_weight is None else token_weight
     x = problem.x.double()
     x_lora = x * problem.keep.double() if dropout else x
     a, b = torch.cat(problem.a, 0).double(), torch.cat(problem.b, 1).double()
@@ -201,15 +204,15 @@ def per_sample_fisher_by_vmap(problem: Problem, dropout: bool, token_weight: Opt
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("padding", [False, True])
-def test_fisher_through_the_op_matches_vmap_per_sample_gradients(backend, padding):
-    problem = Problem(True)
+def test_fisher_through_the_op_matches_vmap_per_sample_gradients(backend, padding, device):
+    problem = Problem(True, device)
     trainable = (0, 1, 3)
     token_weight = None
     if padding:
-        token_weight = torch.ones(NUM_SAMPLES, TOKENS)
+        token_weight = torch.ones(NUM_SAMPLES, TOKENS, device=device)
         token_weight[:, -2:] = 0.0
-    fisher_a = torch.rand(NUM_ADAPTERS * RANK, D_IN)
-    fisher_b = torch.rand(D_OUT, NUM_ADAPTERS * RANK)
+    fisher_a = torch.rand(NUM_ADAPTERS * RANK, D_IN, device=device)
+    fisher_b = torch.rand(D_OUT, NUM_ADAPTERS * RANK, device=device)
     start_a, start_b = fisher_a.clone(), fisher_b.clone()
     with mage_kernels.use_backend(backend):
         got = problem.run_op(trainable, True, fisher_a=fisher_a, fisher_b=fisher_b, token_weight=token_weight)
@@ -226,11 +229,11 @@ def test_fisher_through_the_op_matches_vmap_per_sample_gradients(backend, paddin
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fisher_accumulates_over_micro_batches_like_the_reference(backend):
-    first, second = Problem(False), Problem(False)
+def test_fisher_accumulates_over_micro_batches_like_the_reference(backend, device):
+    first, second = Problem(False, device), Problem(False, device)
     second.weight, second.a, second.b = first.weight, first.a, first.b  # the same layer, new data
-    fisher_a = torch.zeros(NUM_ADAPTERS * RANK, D_IN)
-    fisher_b = torch.zeros(D_OUT, NUM_ADAPTERS * RANK)
+    fisher_a = torch.zeros(NUM_ADAPTERS * RANK, D_IN, device=device)
+    fisher_b = torch.zeros(D_OUT, NUM_ADAPTERS * RANK, device=device)
     with mage_kernels.use_backend(backend):
         for p in (first, second):
             p.run_op((0, 3), False, fisher_a=fisher_a, fisher_b=fisher_b, fisher_scale=2.0)
@@ -255,8 +258,10 @@ def test_fisher_accumulates_over_micro_batches_like_the_reference(backend):
 # ----------------------------------------------------------------------------- MageLinear
 
 
-def make_layer(trainable: Sequence[int], dropout: float = 0.0, bias: bool = True) -> MageLinear:
-    layer = MageLinear(D_IN, D_OUT, r=RANK, alpha=SCALING * NUM_ADAPTERS * RANK, dropout=dropout, bias=bias)
+def make_layer(trainable: Sequence[int], dropout: float = 0.0, bias: bool = True,
+               device: Optional[torch.device] = None) -> MageLinear:
+    layer = MageLinear(D_IN, D_OUT, r=RANK, alpha=SCALING * NUM_ADAPTERS * RANK, dropout=dropout, bias=bias,
+                       device=device)
     with torch.no_grad():
         for b in layer.lora_B:
             b.normal_()  # B = 0 at init would make every dA zero and the tests blind
@@ -265,10 +270,10 @@ def make_layer(trainable: Sequence[int], dropout: float = 0.0, bias: bool = True
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mage_linear_with_dropout_matches_reference(backend):
-    layer = make_layer((0, 1, 2), dropout=DROP_P).train()
-    x = torch.randn(NUM_SAMPLES, TOKENS, D_IN, requires_grad=True)
-    grad_y = torch.randn(NUM_SAMPLES, TOKENS, D_OUT)
+def test_mage_linear_with_dropout_matches_reference(backend, device):
+    layer = make_layer((0, 1, 2), dropout=DROP_P, device=device).train()
+    x = torch.randn(NUM_SAMPLES, TOKENS, D_IN, requires_grad=True, device=device)
+    grad_y = torch.randn(NUM_SAMPLES, TOKENS, D_OUT, device=device)
     torch.manual_seed(99)
     with mage_kernels.use_backend(backend):
         y = layer(x)
@@ -294,13 +299,13 @@ def test_mage_linear_with_dropout_matches_reference(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_frozen_adapters_keep_their_values_after_an_optimizer_step(backend, optimizer):
-    layer = make_layer((0, 3), dropout=0.1).train()
+def test_frozen_adapters_keep_their_values_after_an_optimizer_step(backend, optimizer, device):
+    layer = make_layer((0, 3), dropout=0.1, device=device).train()
     before = {name: p.detach().clone() for name, p in layer.named_parameters()}
     params = list(layer.parameters())  # all of them: the optimizer must skip the grad-less ones
     opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1) if optimizer == "sgd"
            else torch.optim.AdamW(params, lr=0.1, weight_decay=0.1))
-    x = torch.randn(NUM_SAMPLES, TOKENS, D_IN)
+    x = torch.randn(NUM_SAMPLES, TOKENS, D_IN, device=device)
     with mage_kernels.use_backend(backend):
         for _ in range(2):
             opt.zero_grad()
@@ -392,11 +397,10 @@ def test_opcheck_lora_linear_backward():
 # ----------------------------------------------------------------------------- GPU only
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_autocast_matches_reference(dtype):
-    layer = make_layer((0, 1, 2)).cuda()
-    x = torch.randn(4, 64, D_IN, device="cuda", requires_grad=True)
+def test_gpu_autocast_matches_reference(dtype, gpu_device):
+    layer = make_layer((0, 1, 2), device=gpu_device)
+    x = torch.randn(4, 64, D_IN, device=gpu_device, requires_grad=True)
     with mage_kernels.use_backend("triton"), torch.autocast("cuda", dtype=dtype):
         y = layer(x)
     assert y.dtype == dtype

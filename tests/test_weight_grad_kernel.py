@@ -1,7 +1,8 @@
 """The fused weight-gradient + per-sample Fisher kernel (SPEC section 2).
 
-``mage_kernels.kernels.weight_grad.weight_grad_with_fisher`` (Triton, under
-``TRITON_INTERPRET=1``) is checked against ``reference.weight_grad_with_fisher``
+``mage_kernels.kernels.weight_grad.weight_grad_with_fisher`` (Triton: in the
+interpreter on CPU tensors, or compiled on CUDA tensors -- the ``device`` fixture
+of tests/conftest.py) is checked against ``reference.weight_grad_with_fisher``
 evaluated in float64, and against a brute-force loop over samples that squares
 each sample's gradient explicitly. ``torch.ops.mage.weight_grad_with_fisher`` is
 checked for backend dispatch and with ``torch.library.opcheck``.
@@ -44,8 +45,11 @@ def brute_force(g, x, num_samples, scale, token_weight=None, fisher_scale=1.0):
     g, x = g.double(), x.double()
     m = g.shape[0]
     t = m // num_samples
-    w = torch.ones(m, dtype=torch.float64) if token_weight is None else token_weight.double().reshape(m)
-    grad = torch.zeros(g.shape[1], x.shape[1], dtype=torch.float64)
+    if token_weight is None:
+        w = torch.ones(m, dtype=torch.float64, device=g.device)
+    else:
+        w = token_weight.double().reshape(m)
+    grad = torch.zeros(g.shape[1], x.shape[1], dtype=torch.float64, device=g.device)
     fisher = torch.zeros_like(grad)
     for n in range(num_samples):
         rows = slice(n * t, (n + 1) * t)
@@ -55,13 +59,13 @@ def brute_force(g, x, num_samples, scale, token_weight=None, fisher_scale=1.0):
     return grad, fisher
 
 
-def make_inputs(num_samples, t, p, q, dtype, padding: bool):
+def make_inputs(num_samples, t, p, q, dtype, padding: bool, device: torch.device):
     m = num_samples * t
-    g = torch.randn(m, p, dtype=dtype)
-    x = torch.randn(m, q, dtype=dtype)
+    g = torch.randn(m, p, dtype=dtype, device=device)
+    x = torch.randn(m, q, dtype=dtype, device=device)
     w: Optional[torch.Tensor] = None
     if padding:
-        w = torch.rand(m) + 0.5
+        w = torch.rand(m, device=device) + 0.5
         if t > 1:
             w[t - 1 :: t] = 0.0  # the last token of every sample is padding
         else:
@@ -72,9 +76,9 @@ def make_inputs(num_samples, t, p, q, dtype, padding: bool):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,t,p,q", SHAPES)
 @pytest.mark.parametrize("padding", [False, True])
-def test_gradient_and_fisher_match_reference_and_brute_force(dtype, n, t, p, q, padding):
-    g, x, w = make_inputs(n, t, p, q, dtype, padding)
-    start = torch.rand(p, q)
+def test_gradient_and_fisher_match_reference_and_brute_force(dtype, n, t, p, q, padding, device):
+    g, x, w = make_inputs(n, t, p, q, dtype, padding, device)
+    start = torch.rand(p, q, device=device)
     fisher = start.clone()
     grad = wg.weight_grad_with_fisher(g, x, n, 0.5, fisher, w, fisher_scale=3.0)
     assert grad.dtype == dtype
@@ -92,66 +96,66 @@ def test_gradient_and_fisher_match_reference_and_brute_force(dtype, n, t, p, q, 
     assert_close_rel(fisher - start, bf_increment, fisher_tol)
 
 
-def test_fisher_is_not_the_square_of_the_batch_gradient():
-    g, x, _ = make_inputs(4, 5, 6, 7, torch.float32, False)
-    fisher = torch.zeros(6, 7)
+def test_fisher_is_not_the_square_of_the_batch_gradient(device):
+    g, x, _ = make_inputs(4, 5, 6, 7, torch.float32, False, device)
+    fisher = torch.zeros(6, 7, device=device)
     grad = wg.weight_grad_with_fisher(g, x, 4, 1.0, fisher)
     assert (fisher - grad.pow(2)).abs().max() > 1e-2 * fisher.abs().max()
 
 
-def test_padding_weights_do_not_change_the_batch_gradient():
-    g, x, w = make_inputs(3, 6, 9, 11, torch.float32, True)
-    fisher_a, fisher_b = torch.zeros(9, 11), torch.zeros(9, 11)
+def test_padding_weights_do_not_change_the_batch_gradient(device):
+    g, x, w = make_inputs(3, 6, 9, 11, torch.float32, True, device)
+    fisher_a, fisher_b = torch.zeros(9, 11, device=device), torch.zeros(9, 11, device=device)
     grad_w = wg.weight_grad_with_fisher(g, x, 3, 1.0, fisher_a, w)
     grad = wg.weight_grad_with_fisher(g, x, 3, 1.0, fisher_b)
     torch.testing.assert_close(grad_w, grad, rtol=0, atol=0)
     assert (fisher_a - fisher_b).abs().max() > 1e-3 * fisher_b.abs().max()
 
 
-def test_zero_weight_tokens_do_not_reach_the_fisher():
+def test_zero_weight_tokens_do_not_reach_the_fisher(device):
     """A padded token with garbage gradient contributes nothing: same Fisher as dropping it."""
     n, t, p, q = 3, 5, 7, 9
-    g, x, _ = make_inputs(n, t, p, q, torch.float32, False)
-    w = torch.ones(n * t)
+    g, x, _ = make_inputs(n, t, p, q, torch.float32, False, device)
+    w = torch.ones(n * t, device=device)
     w[t - 1 :: t] = 0.0
-    fisher = torch.zeros(p, q)
+    fisher = torch.zeros(p, q, device=device)
     wg.weight_grad_with_fisher(g, x, n, 1.0, fisher, w)
     keep = w.bool()
     g_kept, x_kept = g[keep], x[keep]
-    expected = torch.zeros(p, q)
+    expected = torch.zeros(p, q, device=device)
     wg.weight_grad_with_fisher(g_kept, x_kept, n, 1.0, expected)
     torch.testing.assert_close(fisher, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_micro_batches_accumulate():
-    g1, x1, w1 = make_inputs(3, 4, 10, 12, torch.float32, True)
-    g2, x2, w2 = make_inputs(2, 4, 10, 12, torch.float32, True)
-    fisher = torch.zeros(10, 12)
+def test_micro_batches_accumulate(device):
+    g1, x1, w1 = make_inputs(3, 4, 10, 12, torch.float32, True, device)
+    g2, x2, w2 = make_inputs(2, 4, 10, 12, torch.float32, True, device)
+    fisher = torch.zeros(10, 12, device=device)
     wg.weight_grad_with_fisher(g1, x1, 3, 0.7, fisher, w1, 2.0)
     wg.weight_grad_with_fisher(g2, x2, 2, 0.7, fisher, w2, 2.0)
     expected = brute_force(g1, x1, 3, 0.7, w1, 2.0)[1] + brute_force(g2, x2, 2, 0.7, w2, 2.0)[1]
     assert_close_rel(fisher, expected, 5e-6)
 
 
-def test_strided_fisher_view_is_updated_in_place_and_nothing_else():
+def test_strided_fisher_view_is_updated_in_place_and_nothing_else(device):
     p, q = 11, 4
-    buffer = torch.rand(p, 13)
+    buffer = torch.rand(p, 13, device=device)
     before = buffer.clone()
     view = buffer[:, 4:8]  # the trainable columns of a bigger Fisher buffer (like fisher_b[:, run])
     assert not view.is_contiguous()
-    g, x, _ = make_inputs(6, 3, p, q, torch.float32, False)
+    g, x, _ = make_inputs(6, 3, p, q, torch.float32, False, device)
     wg.weight_grad_with_fisher(g, x, 6, 1.0, view)
     assert torch.equal(buffer[:, :4], before[:, :4])
     assert torch.equal(buffer[:, 8:], before[:, 8:])
     assert_close_rel(buffer[:, 4:8] - before[:, 4:8], brute_force(g, x, 6, 1.0)[1], 5e-6)
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(device):
     n, t = 4, 3
-    g_full = torch.randn(n * t, 20)
+    g_full = torch.randn(n * t, 20, device=device)
     g = g_full[:, 3:11]  # a column slice, like g[:, start:stop] of the trainable rows
-    x = torch.randn(17, n * t).t()
-    fisher = torch.zeros(8, 17)
+    x = torch.randn(17, n * t, device=device).t()
+    fisher = torch.zeros(8, 17, device=device)
     grad = wg.weight_grad_with_fisher(g, x, n, 1.3, fisher)
     bf_grad, bf_fisher = brute_force(g, x, n, 1.3)
     assert_close_rel(grad, bf_grad, 2e-6)
@@ -160,10 +164,10 @@ def test_non_contiguous_inputs():
 
 @pytest.mark.parametrize("splits", [2, 3, 7])
 @pytest.mark.parametrize("with_fisher", [False, True])
-def test_split_over_samples_matches_single_pass(splits, with_fisher):
+def test_split_over_samples_matches_single_pass(splits, with_fisher, device):
     """The GPU path splits the samples over a second grid axis when few tiles exist."""
-    g, x, w = make_inputs(7, 5, 9, 21, torch.float32, True)
-    fisher = torch.rand(9, 21) if with_fisher else None
+    g, x, w = make_inputs(7, 5, 9, 21, torch.float32, True, device)
+    fisher = torch.rand(9, 21, device=device) if with_fisher else None
     start = None if fisher is None else fisher.clone()
     grad = wg.weight_grad_with_fisher(g, x, 7, 0.9, fisher, w, 1.5, _splits=splits)
     bf_grad, bf_fisher = brute_force(g, x, 7, 0.9, w, 1.5)
@@ -172,30 +176,32 @@ def test_split_over_samples_matches_single_pass(splits, with_fisher):
         assert_close_rel(fisher - start, bf_fisher, 5e-6)
 
 
-def test_without_fisher_is_the_plain_batch_gradient_over_many_chunks():
-    g, x = torch.randn(301, 19), torch.randn(301, 23)  # spans several token chunks
+def test_without_fisher_is_the_plain_batch_gradient_over_many_chunks(device):
+    # 301 tokens span several token chunks
+    g, x = torch.randn(301, 19, device=device), torch.randn(301, 23, device=device)
     grad = wg.weight_grad_with_fisher(g, x, 1, 0.25)
     assert_close_rel(grad, 0.25 * g.double().t() @ x.double(), 2e-6)
 
 
-def test_empty_batch_leaves_fisher_untouched():
-    fisher = torch.rand(5, 6)
+def test_empty_batch_leaves_fisher_untouched(device):
+    fisher = torch.rand(5, 6, device=device)
     before = fisher.clone()
-    grad = wg.weight_grad_with_fisher(torch.randn(0, 5), torch.randn(0, 6), 0, 1.0, fisher)
-    assert torch.equal(grad, torch.zeros(5, 6))
+    g, x = torch.randn(0, 5, device=device), torch.randn(0, 6, device=device)
+    grad = wg.weight_grad_with_fisher(g, x, 0, 1.0, fisher)
+    assert torch.equal(grad, torch.zeros(5, 6, device=device))
     assert torch.equal(fisher, before)
 
 
-def test_bad_input_is_rejected():
-    g, x = torch.randn(10, 4), torch.randn(10, 6)
+def test_bad_input_is_rejected(device):
+    g, x = torch.randn(10, 4, device=device), torch.randn(10, 6, device=device)
     with pytest.raises(ValueError, match="do not split into 3 samples"):
-        wg.weight_grad_with_fisher(g, x, 3, 1.0, torch.zeros(4, 6))
+        wg.weight_grad_with_fisher(g, x, 3, 1.0, torch.zeros(4, 6, device=device))
     with pytest.raises(TypeError, match="float32"):
-        wg.weight_grad_with_fisher(g, x, 2, 1.0, torch.zeros(4, 6, dtype=torch.float16))
+        wg.weight_grad_with_fisher(g, x, 2, 1.0, torch.zeros(4, 6, dtype=torch.float16, device=device))
     with pytest.raises(ValueError, match=r"fisher must be \[4, 6\]"):
-        wg.weight_grad_with_fisher(g, x, 2, 1.0, torch.zeros(6, 4))
+        wg.weight_grad_with_fisher(g, x, 2, 1.0, torch.zeros(6, 4, device=device))
     with pytest.raises(ValueError, match="token_weight has 9 entries"):
-        wg.weight_grad_with_fisher(g, x, 2, 1.0, torch.zeros(4, 6), torch.ones(9))
+        wg.weight_grad_with_fisher(g, x, 2, 1.0, torch.zeros(4, 6, device=device), torch.ones(9, device=device))
     with pytest.raises(ValueError, match="g has 10 tokens but x has 9"):
         wg.weight_grad_with_fisher(g, x[:9], 1, 1.0)
     with pytest.raises(TypeError, match="float64"):
@@ -206,9 +212,9 @@ def test_bad_input_is_rejected():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_op_dispatches_to_the_selected_backend(backend):
-    g, x, w = make_inputs(4, 3, 6, 10, torch.float32, True)
-    fisher = torch.zeros(6, 10)
+def test_op_dispatches_to_the_selected_backend(backend, device):
+    g, x, w = make_inputs(4, 3, 6, 10, torch.float32, True, device)
+    fisher = torch.zeros(6, 10, device=device)
     with mage_kernels.use_backend(backend):
         grad = wg.weight_grad_with_fisher_op(g, x, 4, 0.5, fisher, w, 2.0)
     bf_grad, bf_fisher = brute_force(g, x, 4, 0.5, w, 2.0)
@@ -223,30 +229,29 @@ def test_op_schema_is_the_documented_one():
 
 def test_opcheck_with_torch_backend():
     with mage_kernels.use_backend("torch"):
-        g, x, w = make_inputs(3, 4, 5, 6, torch.float32, True)
+        g, x, w = make_inputs(3, 4, 5, 6, torch.float32, True, torch.device("cpu"))
         torch.library.opcheck(torch.ops.mage.weight_grad_with_fisher.default, (g, x, 3, 0.5, torch.zeros(5, 6), w, 2.0))
         torch.library.opcheck(torch.ops.mage.weight_grad_with_fisher.default, (g, x, 3, 0.5, None, None, 1.0))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_large_against_reference(dtype):
+def test_gpu_large_against_reference(dtype, gpu_device):
     n, t, p, q = 16, 128, 24, 1000
-    g = torch.randn(n * t, p, device="cuda", dtype=dtype)
-    x = torch.randn(n * t, q, device="cuda", dtype=dtype)
-    fisher = torch.zeros(p, q, device="cuda")
+    g = torch.randn(n * t, p, device=gpu_device, dtype=dtype)
+    x = torch.randn(n * t, q, device=gpu_device, dtype=dtype)
+    fisher = torch.zeros(p, q, device=gpu_device)
     grad = wg.weight_grad_with_fisher(g, x, n, 1.0, fisher)
-    ref_fisher = torch.zeros(p, q, device="cuda", dtype=torch.float64)
+    ref_fisher = torch.zeros(p, q, device=gpu_device, dtype=torch.float64)
     ref_grad = reference.weight_grad_with_fisher(g.double(), x.double(), n, 1.0, ref_fisher)
     assert (grad.double() - ref_grad).abs().max() <= 1e-2 * ref_grad.abs().max()
     assert (fisher.double() - ref_fisher).abs().max() <= 1e-4 * ref_fisher.abs().max()
 
 
 @pytest.mark.parametrize("with_fisher", [False, True])
-def test_gpu_tile_sizes_in_the_interpreter(monkeypatch, with_fisher):
+def test_gpu_tile_sizes_in_the_interpreter(monkeypatch, with_fisher, interpreter_only):
     """The block sizes the GPU path picks (bigger than the interpreter's) are correct too."""
     monkeypatch.setattr(wg, "triton_interpreter", lambda: False)
-    g, x, w = make_inputs(3, 41, 37, 150, torch.float32, True)
+    g, x, w = make_inputs(3, 41, 37, 150, torch.float32, True, torch.device("cpu"))
     fisher = torch.zeros(37, 150) if with_fisher else None
     grad = wg.weight_grad_with_fisher(g, x, 3, 0.5, fisher, w if with_fisher else None)
     bf_grad, bf_fisher = brute_force(g, x, 3, 0.5, w)
