@@ -11,7 +11,8 @@ memory-bandwidth floor of touching the data):
 * ``pema``           -- :func:`mage_kernels.pema_update_` with the backend ``auto``
   picks (the fused multi-tensor Triton kernel on CUDA, the torch reference on CPU).
 * ``pema_cuda``      -- the CUDA extension's op, when built.
-* ``foreach_ref``    -- the same math written with ``torch._foreach_*`` ops.
+* ``foreach_ref``    -- :func:`mage_kernels.reference.pema_update_foreach_` (``torch._foreach_*`` ops;
+  the ``torch`` backend of the op).
 * ``reference_loop`` -- :func:`mage_kernels.reference.pema_update_` (per-tensor torch ops).
 * ``dema``           -- :class:`mage_kernels.DEMA` ``update()`` on the same tensors.
 
@@ -21,8 +22,6 @@ copy bandwidth measured here (target >= 80%).
 """
 
 from __future__ import annotations
-
-from typing import List
 
 import pytest
 import torch
@@ -62,24 +61,6 @@ def tensors(bench_size):
     fishers = [1e-6 * torch.rand_like(p) for p in params]
     numel = sum(p.numel() for p in params)
     return {"params": params, "emas": emas, "grads": grads, "fishers": fishers, "numel": numel, "device": dev}
-
-
-def foreach_pema_(params: List[torch.Tensor], emas, grads, fishers, lam=LAM, beta_fallback=BETA_FB):
-    """The SPEC formula with torch._foreach ops (no counters' host sync)."""
-    diff = torch._foreach_sub(params, emas)
-    den = torch._foreach_mul(fishers, diff)
-    torch._foreach_add_(den, lam)
-    beta = torch._foreach_add(grads, 1.0)
-    torch._foreach_div_(beta, den)
-    counts = torch.zeros(2, dtype=torch.int64, device=emas[0].device)
-    for b, e, p in zip(beta, emas, params):
-        ok = (b > 0) & (b < 1)
-        b.copy_(torch.where(ok, b, beta_fallback))
-        new = e + (1 - b) * (p - e)
-        fin = torch.isfinite(new)
-        e.copy_(torch.where(fin, new, e))
-        counts += torch.stack([(~ok).sum(), (~fin).sum()])
-    return counts
 
 
 def _sync(dev):
@@ -145,7 +126,8 @@ def test_pema_cuda_extension(benchmark, bench_size, bench_results, tensors):
 def test_foreach_reference(benchmark, bench_size, bench_results, tensors):
     t = tensors
     _bench(benchmark, bench_size, bench_results, "foreach_ref",
-           lambda: foreach_pema_(t["params"], t["emas"], t["grads"], t["fishers"]), t, passes=5)
+           lambda: reference.pema_update_foreach_(t["params"], t["emas"], t["grads"], t["fishers"], LAM, BETA_FB),
+           t, passes=5)
 
 
 def test_reference_loop(benchmark, bench_size, bench_results, tensors):

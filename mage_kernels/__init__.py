@@ -6,6 +6,9 @@ Public API (see README.md):
 * :func:`inject`, :func:`for_task`, :func:`set_trainable`, :func:`adapter_state_dict`,
   :func:`load_adapter_state_dict` -- model-wide adapter management.
 * :func:`lora_linear` -- the fused op itself (``torch.ops.mage.lora_linear``).
+* Custom ops registered on import (Triton itself is imported lazily, only for the
+  ``triton`` backend): ``torch.ops.mage.lora_linear``, ``lora_linear_backward``,
+  ``weight_grad_with_fisher`` and ``pema_update_``.
 * :func:`backend`, :func:`set_backend`, :func:`use_backend`, :func:`backend_info` --
   explicit kernel backend choice (``triton`` | ``cuda`` | ``torch``).
 """
@@ -30,6 +33,7 @@ from .inject import (
 )
 from .layer import ADAPTERS, MageLinear, adapters_for_task
 from .lora_op import lora_linear
+from . import weight_grad_op  # noqa: F401  (registers torch.ops.mage.weight_grad_with_fisher; no Triton import)
 from .fisher import Fisher
 from .ema import DEMA, PEMA, pema_update_
 from .memory import persistent_state_bytes

@@ -16,9 +16,14 @@ Three backends compute the same ops with the same semantics:
 Choose with :func:`set_backend`, the ``backend=`` context manager
 :func:`use_backend`, or the environment variable ``MAGE_BACKEND``
 (``auto`` | ``triton`` | ``cuda`` | ``torch``). ``"auto"`` (the default)
-resolves per call from the tensors' device: CUDA tensors -> ``"triton"``,
-anything else -> ``"torch"``. (The tests run the Triton kernels on CPU tensors
-by requesting ``"triton"`` explicitly under ``TRITON_INTERPRET=1``.)
+resolves per call from the tensors' device and dtype: CUDA tensors of a dtype
+the Triton kernels support (float16, bfloat16, float32) -> ``"triton"``;
+anything else -> ``"torch"``. In particular ``"auto"`` runs float64 LoRA ops on
+the torch reference (the Triton GEMMs have no float64 path), while an explicit
+``"triton"`` request with float64 tensors raises a ``TypeError`` naming the
+dtype. (The PEMA op passes no dtype: its Triton kernel handles float64 too.)
+The tests run the Triton kernels on CPU tensors by requesting ``"triton"``
+explicitly under ``TRITON_INTERPRET=1``.
 An explicitly requested backend that cannot run on the given tensors raises
 :class:`BackendUnavailableError`; the library never silently swaps in a
 different implementation.
@@ -42,10 +47,13 @@ __all__ = [
     "backend_info",
     "triton_available",
     "triton_interpreter",
-    "cuda_extension_available",
+    "TRITON_DTYPES",
 ]
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
+#: The dtypes the Triton LoRA / weight-gradient kernels support; ``"auto"`` picks
+#: ``"torch"`` for any other dtype passed to :func:`resolve_backend`.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ENV = "MAGE_BACKEND"
 _requested: Optional[str] = None  # set by set_backend(); None -> environment / "auto"
 
@@ -99,25 +107,22 @@ def triton_available() -> bool:
     return True
 
 
-def cuda_extension_available() -> bool:
-    """True when the compiled ``mage_kernels._C`` extension is importable."""
-    from . import cuda_extension
-
-    return cuda_extension.load() is not None
-
-
-def resolve_backend(device: torch.device, op: str = "") -> str:
+def resolve_backend(device: torch.device, op: str = "", dtype: Optional[torch.dtype] = None) -> str:
     """The concrete backend (``"triton"``, ``"cuda"`` or ``"torch"``) for tensors on ``device``.
 
     ``op`` names the op, so that an explicit ``"cuda"`` request for an op the
     extension lacks is answered with ``"triton"`` only where
     :func:`backend_info` documents it (never a change of numerics beyond the
-    kernels' documented tolerance).
+    kernels' documented tolerance). ``dtype`` (optional) is the op's compute
+    dtype: under ``"auto"`` a dtype outside :data:`TRITON_DTYPES` (e.g.
+    float64) resolves to ``"torch"``; explicit requests ignore it (the kernel
+    then rejects an unsupported dtype with a ``TypeError``).
     """
     want = backend()
     is_cuda = device.type == "cuda"
     if want == "auto":
-        return "triton" if (is_cuda and triton_available()) else "torch"
+        dtype_ok = dtype is None or dtype in TRITON_DTYPES
+        return "triton" if (is_cuda and dtype_ok and triton_available()) else "torch"
     if want == "torch":
         return "torch"
     if want == "triton":

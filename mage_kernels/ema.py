@@ -20,7 +20,8 @@ this fallback is the documented design decision of SPEC section 3)::
     theta* = beta * theta* + (1 - beta) * theta        (kept when not finite)
 
 It runs as the custom op ``torch.ops.mage.pema_update_`` (one fused
-multi-tensor Triton launch per dtype group, see :mod:`mage_kernels.kernels.pema`).
+multi-tensor Triton launch per dtype group, see :mod:`mage_kernels.kernels.pema`;
+the ``"torch"`` backend is :func:`mage_kernels.reference.pema_update_foreach_`).
 Persistent state: one ``theta*`` per trained tensor (``F`` is per-step workspace).
 
 DEMA (CIA), one scalar per tensor::
@@ -29,6 +30,9 @@ DEMA (CIA), one scalar per tensor::
     alpha = 2 (1 + b) / (a c), alpha_fallback unless 0 < alpha < 1
     theta* = (1 - alpha) theta* + alpha theta;  g_prev = g
 
+The norms are computed in float64 from the tensors' exact values (never
+rounded to a bf16/fp16 parameter dtype); the one implementation is
+:func:`mage_kernels.reference.dema_step_`.
 Persistent state: ``theta*`` AND ``g_prev``. ``g_prev`` starts as zeros at the
 task start, so the first step has ``c = |g|_1``.
 """
@@ -89,7 +93,7 @@ def _pema_update_op(
         return torch.zeros(2, dtype=torch.int64)
     name = resolve_backend(emas[0].device, "pema_update_")
     if name == "torch":
-        counts = reference.pema_update_(params, emas, grads, fishers, lam, beta_fallback)
+        counts = reference.pema_update_foreach_(params, emas, grads, fishers, lam, beta_fallback)
     elif name == "cuda":
         from . import cuda_extension  # noqa: F401  (registers torch.ops.mage_cuda)
 
@@ -326,23 +330,11 @@ class DEMA(_TaskEMA):
         idx = self._active()
         if not idx:
             return torch.zeros(0, dtype=torch.float64)
-        ps = [self.params[i].detach() for i in idx]
-        es = [self.emas[i] for i in idx]
-        gs = [self.params[i].grad.detach() for i in idx]
-        gps = [self.prev_grads[i] for i in idx]
         with torch.no_grad():
-            a = torch.stack(torch._foreach_norm(torch._foreach_sub(ps, es), 1)).double()
-            b = torch.stack(torch._foreach_norm(gs, 1)).double()
-            c = torch.stack(torch._foreach_norm(torch._foreach_sub(gs, gps), 1)).double()
-            alpha = 2 * (1 + b) / (a * c)
-            ok = (alpha > 0) & (alpha < 1)
-            alpha = torch.where(ok, alpha, torch.full_like(alpha, self.alpha_fallback))
-            for i, (e, p) in enumerate(zip(es, ps)):
-                w = alpha[i].to(e.dtype)
-                e.mul_(1 - w).add_(p * w)
-            torch._foreach_copy_(gps, gs)
-            finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(c)
-            counts = torch.stack([(~ok).sum(), (~finite).sum()]).to(torch.int64)
+            alpha, counts = reference.dema_step_(
+                [self.params[i] for i in idx], [self.emas[i] for i in idx],
+                [self.params[i].grad for i in idx], [self.prev_grads[i] for i in idx], self.alpha_fallback,
+            )
         self.last_alphas = alpha
         self._record(counts, len(idx))
         return alpha

@@ -29,6 +29,8 @@ import torch
 
 from . import reference
 from .backends import resolve_backend
+from .weight_grad_op import OP_NAME as WEIGHT_GRAD_OP
+from .weight_grad_op import weight_grad_impl
 
 __all__ = ["lora_linear", "contiguous_runs", "primitives"]
 
@@ -59,26 +61,25 @@ class _Primitives:
         self.weight_grad_with_fisher = weight_grad_with_fisher
 
 
-def primitives(device: torch.device) -> _Primitives:
-    """The primitives of the backend that :func:`~mage_kernels.backends.resolve_backend` picks."""
-    # The CUDA extension implements the weight-gradient primitive (not the GEMMs):
-    # resolve for that op, so backend "cuda" uses it and runs the rest on Triton.
-    name = resolve_backend(device, "weight_grad_with_fisher")
+def primitives(device: torch.device, dtype: Optional[torch.dtype] = None) -> _Primitives:
+    """The primitives of the backend that :func:`~mage_kernels.backends.resolve_backend` picks.
+
+    ``dtype`` is the compute dtype (``"auto"`` picks the torch reference for
+    dtypes the Triton kernels lack, e.g. float64). The weight-gradient primitive
+    comes from :func:`mage_kernels.weight_grad_op.weight_grad_impl`, the same
+    backend-to-implementation map that ``torch.ops.mage.weight_grad_with_fisher``
+    uses. The CUDA extension implements only that primitive (not the GEMMs), so
+    backend ``"cuda"`` runs the GEMMs on Triton.
+    """
+    name = resolve_backend(device, WEIGHT_GRAD_OP, dtype)
     if name == "torch":
         return _TORCH
-    from .kernels import lora as tk
-    from .kernels import weight_grad as tw
+    from .kernels import lora as tk  # imports Triton: only when a Triton/CUDA backend is chosen
 
-    if name == "cuda":
-        from . import cuda_extension
-
-        cuda_extension.load()  # registers torch.ops.mage_cuda.*
-        return _Primitives(tk.shrink, tk.matmul_concat_k, torch.ops.mage_cuda.weight_grad_with_fisher)
-
-    return _Primitives(tk.shrink, tk.matmul_concat_k, tw.weight_grad_with_fisher)
+    return _Primitives(tk.shrink, tk.matmul_concat_k, weight_grad_impl(name))
 
 
-_TORCH = _Primitives(reference.shrink, reference.matmul_concat_k, reference.weight_grad_with_fisher)
+_TORCH = _Primitives(reference.shrink, reference.matmul_concat_k, weight_grad_impl("torch"))
 
 
 # ----------------------------------------------------------------------------- forward
@@ -100,7 +101,7 @@ def _lora_linear_op(
     num_samples: int,
     fisher_scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    prim = primitives(x.device) if x.shape[0] else _TORCH
+    prim = primitives(x.device, x.dtype) if x.shape[0] else _TORCH
     xl = x if x_lora is None else x_lora
     u = prim.shrink(xl, lora_a)
     if weight is None:  # adapters only: the caller adds its own (e.g. quantized) base
@@ -136,7 +137,7 @@ def _lora_linear_backward_op(
     num_samples: int,
     fisher_scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    prim = primitives(grad_y.device) if grad_y.shape[0] else _TORCH
+    prim = primitives(grad_y.device, grad_y.dtype) if grad_y.shape[0] else _TORCH
     runs = contiguous_runs(trainable_rows)
     need_g = need_input_grad or bool(runs)
     g = prim.shrink(grad_y, lora_b.t()) if need_g else None  # [M, R] = dY B
@@ -251,7 +252,12 @@ def lora_linear(
         x_lora: the adapters' (dropped-out) input, same shape as ``x``; ``None``
             means ``x`` and lets the backward fuse both input-gradient paths.
         trainable_rows: rows of ``lora_a`` (columns of ``lora_b``) whose
-            gradient is wanted; ``None`` means all ``R``.
+            gradient is computed; ``None`` means all ``R``. Rows outside
+            ``trainable_rows`` get an all-ZERO gradient in ``lora_a.grad`` /
+            ``lora_b.grad`` (and add nothing to the Fisher), even though the
+            whole ``lora_a`` / ``lora_b`` tensor requires grad: pass every row
+            you train. (:class:`~mage_kernels.MageLinear` always passes exactly
+            its trainable adapters' rows.)
         fisher_a, fisher_b: float32 buffers shaped like ``lora_a``/``lora_b``;
             when given, the backward adds ``sum_n (fisher_scale * g_n)^2`` of the
             trainable rows/columns into them in place.

@@ -17,7 +17,7 @@ rank. ``lora_a`` is the concatenation ``cat(A_0..A_3)`` with shape ``[R, K]`` an
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,9 +26,10 @@ __all__ = [
     "shrink",
     "matmul_concat_k",
     "weight_grad_with_fisher",
-    "per_sample_fisher",
     "pema_update_",
+    "pema_update_foreach_",
     "dema_update_",
+    "dema_step_",
 ]
 
 
@@ -112,9 +113,9 @@ def weight_grad_with_fisher(
     return grad
 
 
-def per_sample_fisher(per_sample_grads: torch.Tensor) -> torch.Tensor:
-    """``F = mean_n g_n^2`` from materialized per-sample gradients ``[N, ...]``."""
-    return per_sample_grads.pow(2).mean(0)
+def _pema_compute_view(t: torch.Tensor) -> torch.Tensor:
+    """PEMA computes in float32 for half-precision tensors, else in the tensor's own dtype."""
+    return t.to(torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def pema_update_(
@@ -125,17 +126,20 @@ def pema_update_(
     lam: float = 1e-5,
     beta_fallback: float = 0.99,
 ) -> torch.Tensor:
-    """PEMA (SPEC section 3), ``torch._foreach``-style reference, in place on ``emas``.
+    """PEMA (SPEC section 3), the readable per-tensor reference, in place on ``emas``.
 
     Per element: ``beta = (g + 1) / (F * (theta - theta*) + lam)``; where
     ``beta`` is not strictly inside ``(0, 1)`` (NaN and inf included) it becomes
-    ``beta_fallback``; ``theta* <- beta theta* + (1 - beta) theta``. An element
-    whose ``theta`` or ``theta*`` is not finite keeps its ``theta*`` untouched.
-    Returns an int64 tensor ``[2]``: (fallback elements, non-finite skips).
+    ``beta_fallback``; ``new = beta theta* + (1 - beta) theta``; where ``new``
+    is not finite, ``theta*`` is kept (so it never turns NaN). Half-precision
+    tensors are computed in float32. Returns an int64 tensor ``[2]`` on the
+    EMAs' device: (fallback elements, non-finite skips).
+    :func:`pema_update_foreach_` is the same computation with ``torch._foreach``
+    ops (the ``"torch"`` backend of ``torch.ops.mage.pema_update_``).
     """
     counts = torch.zeros(2, dtype=torch.int64, device=emas[0].device if len(emas) else "cpu")
     for p, e, g, f in zip(params, emas, grads, fishers):
-        pf, ef, gf, ff = (t.to(torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t for t in (p, e, g, f))
+        pf, ef, gf, ff = (_pema_compute_view(t) for t in (p, e, g, f))
         beta = (gf + 1) / (ff * (pf - ef) + lam)
         ok = (beta > 0) & (beta < 1)
         counts[0] += (~ok).sum()
@@ -147,6 +151,112 @@ def pema_update_(
     return counts
 
 
+def pema_update_foreach_(
+    params: Sequence[torch.Tensor],
+    emas: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    fishers: Sequence[torch.Tensor],
+    lam: float = 1e-5,
+    beta_fallback: float = 0.99,
+) -> torch.Tensor:
+    """PEMA (SPEC section 3) with ``torch._foreach_*`` multi-tensor ops, in place on ``emas``.
+
+    Exactly the semantics (and, element by element, the same floating-point
+    operations in the same order, hence bitwise the same results) as
+    :func:`pema_update_`; it is the ``"torch"`` backend of
+    ``torch.ops.mage.pema_update_``. The arithmetic runs as a handful of
+    multi-tensor launches over all tensors; PyTorch has no ``_foreach``
+    compare/select ops, so the two masked selections (``beta`` fallback, keeping
+    ``theta*`` where ``new`` is not finite) and their counts are one
+    ``torch.where`` per tensor.
+
+    Returns an int64 tensor ``[2]`` on the EMAs' device: (fallback elements,
+    non-finite skips). No host synchronization.
+    """
+    n = len(emas)
+    if not (len(params) == len(grads) == len(fishers) == n):
+        raise ValueError(
+            f"pema_update_foreach_ needs lists of equal length; got params={len(params)}, emas={n}, "
+            f"grads={len(grads)}, fishers={len(fishers)}"
+        )
+    if n == 0:
+        return torch.zeros(2, dtype=torch.int64)
+    pf = [_pema_compute_view(t) for t in params]
+    ef = [_pema_compute_view(t) for t in emas]
+    gf = [_pema_compute_view(t) for t in grads]
+    ff = [_pema_compute_view(t) for t in fishers]
+    # beta = (g + 1) / (F * (theta - theta*) + lam); out-of-place ops keep the per-pair type promotion.
+    den = torch._foreach_mul(ff, torch._foreach_sub(pf, ef))
+    torch._foreach_add_(den, lam)
+    beta = torch._foreach_div(torch._foreach_add(gf, 1), den)
+    del den
+    oks = [(b > 0) & (b < 1) for b in beta]
+    beta = [torch.where(ok, b, torch.full_like(b, beta_fallback)) for ok, b in zip(oks, beta)]
+    # new = beta * theta* + (1 - beta) * theta
+    one_minus_beta = torch._foreach_add(torch._foreach_neg(beta), 1)
+    new = torch._foreach_add(torch._foreach_mul(beta, ef), torch._foreach_mul(one_minus_beta, pf))
+    del beta, one_minus_beta
+    finites = [torch.isfinite(t) for t in new]
+    kept = [torch.where(fin, t, e) for fin, t, e in zip(finites, new, ef)]
+    torch._foreach_copy_(list(emas), kept)  # copy_ casts back to each EMA's dtype
+    fallbacks = torch.stack([(~ok).sum() for ok in oks]).sum()
+    skipped = torch.stack([(~fin).sum() for fin in finites]).sum()
+    return torch.stack([fallbacks, skipped]).to(torch.int64)
+
+
+def dema_step_(
+    params: Sequence[torch.Tensor],
+    emas: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    prev_grads: Sequence[torch.Tensor],
+    alpha_fallback: float = 0.01,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """DEMA / CIA (SPEC section 4), one scalar per tensor, in place on ``emas`` and ``prev_grads``.
+
+    ``a = |theta - theta*|_1, b = |g|_1, c = |g - g_prev|_1`` (all three in
+    float64, from the tensors' exact values: no rounding to the parameter
+    dtype), ``alpha = 2 (1 + b) / (a c)``, ``alpha_fallback`` unless
+    ``0 < alpha < 1`` (NaN included); ``theta* <- (1 - alpha) theta* + alpha
+    theta`` computed in float64 and rounded once to the EMA's dtype;
+    ``g_prev <- g``.
+
+    Returns ``(alphas, counts)`` on the EMAs' device, without host
+    synchronization: the float64 alphas used (one per tensor) and int64 ``[2]``
+    (tensors that used the fallback, tensors whose ``a``, ``b`` or ``c`` was not
+    finite). This is the one implementation behind :class:`mage_kernels.DEMA`.
+    """
+    n = len(emas)
+    if not (len(params) == len(grads) == len(prev_grads) == n):
+        raise ValueError(
+            f"dema_step_ needs lists of equal length; got params={len(params)}, emas={n}, "
+            f"grads={len(grads)}, prev_grads={len(prev_grads)}"
+        )
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(2, dtype=torch.int64)
+    device = emas[0].device
+    # One tensor at a time, so the float64 temporaries never exceed one tensor's size.
+    norms: List[torch.Tensor] = []
+    for p, e, g, gp in zip(params, emas, grads, prev_grads):
+        p64, e64, g64 = p.detach().double(), e.double(), g.detach().double()
+        norms.append(torch.stack([
+            (p64 - e64).abs().sum(),  # a
+            g64.abs().sum(),  # b
+            (g64 - gp.double()).abs().sum(),  # c
+        ]).to(device))
+    a, b, c = torch.stack(norms, dim=1)
+    raw = 2 * (1 + b) / (a * c)
+    ok = (raw > 0) & (raw < 1)
+    alphas = torch.where(ok, raw, torch.full_like(raw, alpha_fallback))
+    for i, (p, e) in enumerate(zip(params, emas)):
+        alpha = alphas[i]
+        e.copy_(((1 - alpha) * e.double() + alpha * p.detach().double()).to(e.dtype))
+    for g, gp in zip(grads, prev_grads):
+        gp.copy_(g.detach())
+    finite = torch.isfinite(a) & torch.isfinite(b) & torch.isfinite(c)
+    counts = torch.stack([(~ok).sum(), (~finite).sum()]).to(torch.int64)
+    return alphas, counts
+
+
 def dema_update_(
     params: Sequence[torch.Tensor],
     emas: Sequence[torch.Tensor],
@@ -154,23 +264,5 @@ def dema_update_(
     prev_grads: Sequence[torch.Tensor],
     alpha_fallback: float = 0.01,
 ) -> torch.Tensor:
-    """DEMA / CIA (SPEC section 4), one scalar per tensor, in place.
-
-    ``a = |theta - theta*|_1, b = |g|_1, c = |g - g_prev|_1``,
-    ``alpha = 2 (1 + b) / (a c)``, fallback ``alpha_fallback`` unless
-    ``0 < alpha < 1``; ``theta* <- (1 - alpha) theta* + alpha theta``;
-    ``g_prev <- g``. Returns the float64 tensor of the alphas used.
-    """
-    alphas = []
-    for p, e, g, gp in zip(params, emas, grads, prev_grads):
-        p, g = p.detach(), g.detach()
-        a = (p.double() - e.double()).abs().sum()
-        b = g.double().abs().sum()
-        c = (g.double() - gp.double()).abs().sum()
-        alpha = 2 * (1 + b) / (a * c)
-        if not (0 < float(alpha) < 1):
-            alpha = torch.tensor(alpha_fallback, dtype=torch.float64)
-        e.copy_(((1 - alpha) * e.double() + alpha * p.double()).to(e.dtype))
-        gp.copy_(g)
-        alphas.append(alpha.to(torch.float64))
-    return torch.stack(alphas) if alphas else torch.zeros(0, dtype=torch.float64)
+    """DEMA / CIA (SPEC section 4) in place; returns the float64 alphas used (see :func:`dema_step_`)."""
+    return dema_step_(params, emas, grads, prev_grads, alpha_fallback)[0]

@@ -101,3 +101,54 @@ def test_dema_counts_nonfinite_inputs_and_ignores_fisher():
     assert dema.nonfinite_count == 1
     with pytest.raises(ValueError, match="alpha_fallback"):
         mk.DEMA(layer, alpha_fallback=0.0)
+
+
+def test_dema_class_runs_the_reference_implementation(monkeypatch):
+    """One implementation: DEMA.update() is reference.dema_step_ (spied), not a second copy of the formula."""
+    layer = _layer()
+    dema = mk.DEMA(layer)
+    calls = []
+    real = reference.dema_step_
+
+    def spy(*args):
+        calls.append(len(args[0]))
+        return real(*args)
+
+    monkeypatch.setattr(reference, "dema_step_", spy)
+    with torch.no_grad():
+        for p in dema.params:
+            p.add_(torch.randn_like(p))
+            p.grad = torch.randn_like(p)
+    dema.update()
+    assert calls == [4]
+
+
+def test_dema_bf16_norms_are_not_rounded_to_bf16():
+    """bf16 adapters: a, b, c and alpha come from the exact bf16 values summed in float64.
+
+    Summing ~100 bf16 magnitudes in bf16 would be off by ~1e-2 relative; here alpha
+    must match the float64 formula on the same bf16 values to float64 precision, and
+    theta* to one bf16 rounding of the float64 update.
+    """
+    torch.manual_seed(3)
+    layer = mk.MageLinear(48, 40, r=4, dropout=0.0, dtype=torch.bfloat16)
+    layer.set_trainable([0, 1])
+    dema = mk.DEMA(layer)
+    gprev = [torch.zeros_like(e, dtype=torch.float64) for e in dema.emas]
+    formula = 0
+    for step in range(3):
+        with torch.no_grad():
+            for i, p in enumerate(dema.params):
+                p.add_(torch.randn_like(p) * (3.0 if i % 2 == 0 else 1e-2))
+                p.grad = (torch.randn_like(p, dtype=torch.float32) * (1 + step)).to(torch.bfloat16)
+        before = [e.clone() for e in dema.emas]
+        alphas = dema.update()
+        assert alphas.dtype == torch.float64
+        for i, p in enumerate(dema.params):
+            # the spec on the stored bf16 values of theta* (the EMA is stored in bf16)
+            want_e, gprev[i], used = spec_dema(p, before[i], p.grad, gprev[i])
+            assert float(alphas[i]) == pytest.approx(used, rel=1e-12, abs=0), (step, i)
+            formula += used != 0.01
+            assert dema.emas[i].dtype == torch.bfloat16
+            torch.testing.assert_close(dema.emas[i].double(), want_e, rtol=2 ** -8, atol=1e-30)
+    assert formula > 0

@@ -6,4 +6,10 @@ as its plain-PyTorch twin in :mod:`mage_kernels.reference`:
 * :mod:`.weight_grad` -- ``weight_grad_with_fisher``: ``dA``/``dB`` plus the
   in-place per-sample squared-gradient (Fisher) accumulation.
 * :mod:`.pema` -- the multi-tensor PEMA update.
+
+These modules import Triton; the library imports them lazily, only when the
+``"triton"`` (or ``"cuda"``) backend is chosen, so ``import mage_kernels`` and
+the ``"torch"`` backend work without Triton. The ``torch.ops.mage.*`` custom ops
+that dispatch to them live outside this package (:mod:`mage_kernels.lora_op`,
+:mod:`mage_kernels.weight_grad_op`, :mod:`mage_kernels.ema`).
 """

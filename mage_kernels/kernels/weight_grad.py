@@ -28,10 +28,11 @@ partial tiles to a ``[splits, P, Q]`` workspace that is summed afterwards
 
 :func:`weight_grad_with_fisher` is the Triton implementation (the primitive the
 ``triton`` backend of :mod:`mage_kernels.lora_op` uses).
-``torch.ops.mage.weight_grad_with_fisher`` (registered here, with a fake
-implementation for ``torch.compile``) dispatches it by
-:func:`mage_kernels.backends.resolve_backend` to the torch reference, this Triton
-kernel, or the CUDA extension's ``torch.ops.mage_cuda.weight_grad_with_fisher``.
+The custom op ``torch.ops.mage.weight_grad_with_fisher`` that dispatches to the
+torch reference, this Triton kernel or the CUDA extension lives in the
+Triton-free module :mod:`mage_kernels.weight_grad_op` (registered by a plain
+``import mage_kernels``); ``OP_SCHEMA`` and ``weight_grad_with_fisher_op`` are
+re-exported here for backward compatibility.
 Semantics are exactly :func:`mage_kernels.reference.weight_grad_with_fisher`.
 """
 
@@ -43,19 +44,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
-from ..backends import resolve_backend, triton_interpreter
+from ..backends import triton_interpreter
+from ..weight_grad_op import OP_SCHEMA, weight_grad_with_fisher_op  # noqa: F401  (re-exported)
 from .lora import SUPPORTED_DTYPES, dot_allows_tf32, num_sms
 
 __all__ = ["weight_grad_with_fisher", "weight_grad_with_fisher_op", "OP_SCHEMA"]
-
-#: Schema of ``mage::weight_grad_with_fisher`` (the CUDA extension's
-#: ``mage_cuda::weight_grad_with_fisher`` has the same one).
-OP_SCHEMA = (
-    "(Tensor g, Tensor x, int num_samples, float scale, Tensor(a!)? fisher, "
-    "Tensor? token_weight, float fisher_scale) -> Tensor"
-)
-
 
 @triton.jit
 def _weight_grad_kernel(
@@ -270,50 +263,3 @@ def weight_grad_with_fisher(
     if has_fisher:
         fisher.add_(fisher_ws.sum(0))
     return grad_ws.sum(0).to(g.dtype)
-
-
-# ----------------------------------------------------------------------------- torch op
-
-
-@torch.library.custom_op("mage::weight_grad_with_fisher", mutates_args=("fisher",), schema=OP_SCHEMA)
-def _weight_grad_with_fisher_op(
-    g: torch.Tensor,
-    x: torch.Tensor,
-    num_samples: int,
-    scale: float,
-    fisher: Optional[torch.Tensor],
-    token_weight: Optional[torch.Tensor],
-    fisher_scale: float,
-) -> torch.Tensor:
-    name = resolve_backend(g.device, "weight_grad_with_fisher")
-    if name == "torch":
-        fn = reference.weight_grad_with_fisher
-    elif name == "cuda":
-        from .. import cuda_extension
-
-        cuda_extension.load()  # registers torch.ops.mage_cuda.*
-        fn = torch.ops.mage_cuda.weight_grad_with_fisher
-    else:
-        fn = weight_grad_with_fisher
-    out = fn(g, x, num_samples, scale, fisher, token_weight, fisher_scale)
-    # A custom op's output may not alias its inputs (the reference returns a fresh tensor anyway).
-    return out
-
-
-@_weight_grad_with_fisher_op.register_fake
-def _(g, x, num_samples, scale, fisher, token_weight, fisher_scale):
-    return g.new_empty((g.shape[1], x.shape[1]))
-
-
-def weight_grad_with_fisher_op(
-    g: torch.Tensor,
-    x: torch.Tensor,
-    num_samples: int,
-    scale: float,
-    fisher: Optional[torch.Tensor] = None,
-    token_weight: Optional[torch.Tensor] = None,
-    fisher_scale: float = 1.0,
-) -> torch.Tensor:
-    """``torch.ops.mage.weight_grad_with_fisher`` with keyword defaults; backend chosen per call."""
-    return torch.ops.mage.weight_grad_with_fisher(g, x, int(num_samples), float(scale), fisher, token_weight,
-                                                  float(fisher_scale))
