@@ -45,7 +45,7 @@ NAMESPACE = "mage_cuda"
 #: The ops the extension implements, and the Python modules that register
 #: their ``mage::`` twins (imported by :func:`schema_mismatches`).
 OPS: Tuple[str, ...] = ("pema_update_", "weight_grad_with_fisher")
-_PYTHON_OP_MODULES: Tuple[str, ...] = ("mage_kernels.ema", "mage_kernels.kernels.weight_grad")
+_PYTHON_OP_MODULES: Tuple[str, ...] = ("mage_kernels.ema", "mage_kernels.weight_grad_op")
 
 _module: Optional[ModuleType] = None
 _error: Optional[str] = None
