@@ -3,27 +3,34 @@
 #
 #   bash bench/gpu_check.sh
 #
-# Steps (each bounded by `timeout`, all within a global budget of
-# $MAGE_GPU_CHECK_BUDGET seconds, default 560):
-#   1. environment: date, GPU, driver, CUDA, torch, triton, nvcc, cmake, compute-sanitizer;
-#   2. build the CUDA extension in place (MAGE_CUDA_ARCH, default 9.0 to save time);
-#   3. check it loads and its op schemas equal the Python ops';
-#   4. the CUDA backend tests with compiled Triton (TRITON_INTERPRET=0);
-#   5. the standalone CMake build and its C++ parity test (ctest);
-#   6. compute-sanitizer memcheck of the ops (Python workload) and memcheck/racecheck of the C++ test;
-#   7. the whole test suite with CUDA enabled;
-#   8. the benchmark suites (pytest bench --benchmark-only).
+# Steps, most valuable results first. Each runs under `timeout` with a limit of
+# min(its own maximum, what is left of the global budget $MAGE_GPU_CHECK_BUDGET
+# (default 560 s) minus a reserve for the kill grace and the summary); a step whose
+# limit would fall below its minimum useful time is skipped, with a log line.
+#   1. environment: GPU, driver, CUDA, torch, triton, nvcc, cmake, compute-sanitizer  (max  15 s)
+#   2. build the CUDA extension in place (MAGE_CUDA_ARCH, default 9.0 to save time)    (max 150 s)
+#      and check it loads and its op schemas equal the Python ops'                      (max  20 s)
+#   3. the whole test suite with COMPILED Triton on CUDA tensors: TRITON_INTERPRET=0,
+#      the Triton-backend tests take tests/conftest.py's `device` fixture (cuda here),
+#      and MAGE_REQUIRE_CUDA_TESTS=1 makes pytest refuse to start if it would be cpu    (max 150 s)
+#   4. the benchmark suites (pytest bench --benchmark-only)                              (max 150 s)
+#   -- these maxima sum to 485 s; the steps below share what is left of the budget --
+#   5. the CUDA backend tests (tests/test_cuda_backend.py, tests/test_cuda_sources.py)  (max  60 s)
+#   6. compute-sanitizer memcheck of the ops (Python workload)                           (max  90 s)
+#   7. the standalone CMake build and its C++ parity test (ctest)                        (max 120 s)
+#   8. compute-sanitizer memcheck and racecheck of the C++ test binary                  (max 60 s each)
 # Results: $OUT (when set, e.g. by a remote runner) or bench/results/, as
 #   gpu_check_<date>_<gpu>.log   everything printed
 #   gpu_check_<date>_<gpu>.json  environment, per-step status/duration, test summaries
 # plus the pytest JUnit XML files, the benchmark JSON and Markdown table.
 # Exit status: 0 when every step that ran passed (a step skipped because its tool
-# is missing does not fail the run), 1 otherwise.
+# is missing or the budget ran out does not fail the run), 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
 BUDGET=${MAGE_GPU_CHECK_BUDGET:-560}
+RESERVE=15  # kept free at every step: `timeout --kill-after=10` grace + the final summary
 START=$(date +%s)
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 GPU_NAME=$( (nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo no-gpu) | head -1)
@@ -36,39 +43,45 @@ STEPS="$BASE.steps.tsv"
 : >"$STEPS"
 exec > >(tee -a "$LOG") 2>&1
 
-export TRITON_INTERPRET=0             # tests/conftest.py only sets it when unset
+export TRITON_INTERPRET=0             # compiled Triton; tests/conftest.py only sets it when unset
+export MAGE_REQUIRE_CUDA_TESTS=1      # tests/conftest.py: refuse to run the Triton tests on CPU tensors
 export MAGE_REQUIRE_CUDA_EXTENSION=1  # tests/test_cuda_backend.py: a missing GPU/extension fails, not skips
 export MAGE_CUDA_ARCH=${MAGE_CUDA_ARCH:-9.0}
 export PYTHONUNBUFFERED=1
 
 remaining() { echo $((START + BUDGET - $(date +%s))); }
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$STEPS"; }
 
-# step NAME MAX_SECONDS COMMAND...: run with a timeout of min(MAX, time left), record rc and duration.
+# step NAME MAX_SECONDS MIN_SECONDS COMMAND...: run COMMAND with a timeout of
+# min(MAX, time left - RESERVE), or skip it (logged, recorded as "skipped: budget ...")
+# when that limit is below MIN; record the exit status and the duration.
+# STEP_SIGNAL=INT step ... stops a pytest run like Ctrl-C at the limit, so it still
+# writes its JUnit XML / benchmark JSON for the tests that ran (default: TERM).
 step() {
-  local name=$1 max=$2
-  shift 2
-  local left
+  local name=$1 max=$2 min=$3 sig=${STEP_SIGNAL:-TERM}
+  shift 3
+  local left limit
   left=$(remaining)
-  local limit=$((max < left - 5 ? max : left - 5))
+  limit=$((max < left - RESERVE ? max : left - RESERVE))
   echo
-  echo "=================== [$name] (limit ${limit}s) $(date -u +%H:%M:%S)"
-  if ((limit < 10)); then
-    echo "SKIPPED: time budget exhausted"
-    printf '%s\t%s\t%s\t%s\n' "$name" "budget" 0 "$limit" >>"$STEPS"
+  echo "=================== [$name] limit ${limit}s (max ${max}s; ${left}s of the ${BUDGET}s budget left) $(date -u +%H:%M:%S)"
+  if ((limit < min)); then
+    echo "SKIPPED [$name]: only ${limit}s of the budget left, it needs at least ${min}s"
+    record "$name" "skipped: budget (${limit}s left, needs ${min}s)" 0 "$limit"
     return 0
   fi
   local t0 rc
   t0=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@"
+  timeout --signal="$sig" --kill-after=10 "$limit" "$@"
   rc=$?
   ((rc == 124 || rc == 137)) && echo "TIMED OUT after ${limit}s"
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" $(($(date +%s) - t0)) "$limit" >>"$STEPS"
+  record "$name" "$rc" $(($(date +%s) - t0)) "$limit"
   echo "----> [$name] rc=$rc in $(($(date +%s) - t0))s"
   return 0
 }
-skip_step() { echo; echo "=================== [$1] SKIPPED: $2"; printf '%s\t%s\t%s\t%s\n' "$1" "skipped: $2" 0 0 >>"$STEPS"; }
+skip_step() { echo; echo "=================== [$1] SKIPPED: $2"; record "$1" "skipped: $2" 0 0; }
 
-echo "mage-kernels GPU check, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), host $(hostname)"
+echo "mage-kernels GPU check, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), host $(hostname), budget ${BUDGET}s"
 echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed file(s)"
 
 # ---------------------------------------------------------------- 1. environment
@@ -93,13 +106,18 @@ EOF
   (cmake --version | head -1) || echo "cmake: not found"
   (compute-sanitizer --version | tail -1) || echo "compute-sanitizer: not found"
 }
-step environment 60 bash -c "$(declare -f env_info); env_info"
+step environment 15 5 bash -c "$(declare -f env_info); env_info"
 
-# ---------------------------------------------------------------- 2. build the extension
-step build_extension 300 python -m pip install --no-build-isolation --no-deps -v -e .
-
-# ---------------------------------------------------------------- 3. it loads, schemas match
-step extension_check 60 python - <<'EOF'
+# ---------------------------------------------------------------- 2. build the extension; it loads, schemas match
+# setup.py builds the extension only with a CUDA build of torch and a CUDA toolkit (torch's
+# CUDA_HOME); without them a rebuild would just reinstall the pure-Python package: skipped.
+TORCH_CUDA_HOME=$(python -c "import torch; from torch.utils.cpp_extension import CUDA_HOME; print((CUDA_HOME or '') if torch.version.cuda else '')" 2>/dev/null || true)
+if [[ -n "$TORCH_CUDA_HOME" ]]; then
+  step build_extension 150 30 python -m pip install --no-build-isolation --no-deps -v -e .
+else
+  skip_step build_extension "no CUDA build of torch with a CUDA toolkit here: the extension cannot be built"
+fi
+step extension_check 20 10 python - <<'EOF'
 import sys
 from mage_kernels import cuda_extension
 mod = cuda_extension.load()
@@ -110,11 +128,30 @@ print("schema mismatches:", problems or "none")
 sys.exit(0 if mod is not None and not problems else 1)
 EOF
 
-# ---------------------------------------------------------------- 4. CUDA backend tests first
-step cuda_backend_tests 150 python -m pytest -q -rs tests/test_cuda_backend.py tests/test_cuda_sources.py \
+# ---------------------------------------------------------------- 3. whole test suite, compiled Triton
+# The report header names the device of the Triton tests; -rs lists every skip with its reason.
+STEP_SIGNAL=INT step test_suite 150 30 python -m pytest -q -rs tests --junitxml="$BASE.tests.xml"
+
+# ---------------------------------------------------------------- 4. benchmarks
+STEP_SIGNAL=INT step benchmarks 150 30 env MAGE_BENCH_RESULTS="$BASE.bench.md" python -m pytest -q bench --benchmark-only \
+  --benchmark-json="$BASE.bench.json"
+
+# ---------------------------------------------------------------- 5. CUDA backend tests (their own JUnit file)
+STEP_SIGNAL=INT step cuda_backend_tests 60 15 python -m pytest -q -rs tests/test_cuda_backend.py tests/test_cuda_sources.py \
   --junitxml="$BASE.cuda_tests.xml"
 
-# ---------------------------------------------------------------- 5. standalone CMake build + C++ test
+# ---------------------------------------------------------------- 6. compute-sanitizer on the ops
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [[ -n "$SANITIZER" ]]; then
+  # Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees exact bounds.
+  step sanitizer_memcheck_ops 90 30 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck \
+    --error-exitcode 99 --target-processes all python bench/gpu_check_workload.py
+else
+  skip_step sanitizer "compute-sanitizer not found"
+  step workload_without_sanitizer 30 10 python bench/gpu_check_workload.py
+fi
+
+# ---------------------------------------------------------------- 7. standalone CMake build + C++ test
 CMAKE_BUILD="$ROOT/build/gpu-check-cmake"  # build/ is git-ignored
 if command -v cmake >/dev/null; then
   CMAKE_ARCHS=$(echo "$MAGE_CUDA_ARCH" | sed 's/+PTX//g; s/\.//g; s/[ ,]/;/g')  # "8.0;9.0" -> "80;90"
@@ -123,34 +160,20 @@ if command -v cmake >/dev/null; then
       cmake --build "$CMAKE_BUILD" -j "$(nproc)" &&
       ctest --test-dir "$CMAKE_BUILD" --output-on-failure -V
   }
-  step cmake_ctest 150 bash -c "$(declare -f cmake_test); CMAKE_BUILD='$CMAKE_BUILD' CMAKE_ARCHS='$CMAKE_ARCHS' cmake_test"
+  step cmake_ctest 120 45 bash -c "$(declare -f cmake_test); CMAKE_BUILD='$CMAKE_BUILD' CMAKE_ARCHS='$CMAKE_ARCHS' cmake_test"
 else
   skip_step cmake_ctest "cmake not found"
 fi
 
-# ---------------------------------------------------------------- 6. compute-sanitizer
-SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
-if [[ -n "$SANITIZER" ]]; then
-  # Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees exact bounds.
-  step sanitizer_memcheck_ops 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck \
-    --error-exitcode 99 --target-processes all python bench/gpu_check_workload.py
-  if [[ -x "$CMAKE_BUILD/test_mage_kernels" ]]; then
-    step sanitizer_memcheck_cpp 60 "$SANITIZER" --tool memcheck --error-exitcode 99 "$CMAKE_BUILD/test_mage_kernels"
-    step sanitizer_racecheck_cpp 90 "$SANITIZER" --tool racecheck --error-exitcode 99 "$CMAKE_BUILD/test_mage_kernels"
-  else
-    skip_step sanitizer_cpp "the CMake test binary was not built"
-  fi
+# ---------------------------------------------------------------- 8. compute-sanitizer on the C++ test
+if [[ -z "$SANITIZER" ]]; then
+  skip_step sanitizer_cpp "compute-sanitizer not found"
+elif [[ ! -x "$CMAKE_BUILD/test_mage_kernels" ]]; then
+  skip_step sanitizer_cpp "the CMake test binary was not built"
 else
-  skip_step sanitizer "compute-sanitizer not found"
-  step workload_without_sanitizer 60 python bench/gpu_check_workload.py
+  step sanitizer_memcheck_cpp 60 20 "$SANITIZER" --tool memcheck --error-exitcode 99 "$CMAKE_BUILD/test_mage_kernels"
+  step sanitizer_racecheck_cpp 60 20 "$SANITIZER" --tool racecheck --error-exitcode 99 "$CMAKE_BUILD/test_mage_kernels"
 fi
-
-# ---------------------------------------------------------------- 7. whole test suite
-step test_suite 200 python -m pytest -q -rs tests --junitxml="$BASE.tests.xml"
-
-# ---------------------------------------------------------------- 8. benchmarks
-step benchmarks 200 env MAGE_BENCH_RESULTS="$BASE.bench.md" python -m pytest -q bench --benchmark-only \
-  --benchmark-json="$BASE.bench.json"
 
 # ---------------------------------------------------------------- summary
 python - "$BASE" "$STEPS" "$START" <<'EOF'

@@ -9,7 +9,10 @@
 
 Tests of the Triton backend take the ``device`` fixture; tests that only make
 sense in the interpreter (e.g. forcing the GPU tile sizes on CPU) take
-``interpreter_only``, which skips them on the GPU path with a reason.
+``interpreter_only``, and GPU-only checks (bf16, large shapes) take ``gpu_device``;
+both skip, with a reason, where they do not apply. ``MAGE_REQUIRE_CUDA_TESTS=1``
+(set by ``bench/gpu_check.sh``) makes pytest refuse to start unless the device is
+CUDA. fp32 matmuls stay IEEE (no TF32) in every test: the tolerances assume it.
 """
 
 import os
@@ -48,6 +51,37 @@ def gpu_device(device: torch.device) -> torch.device:
     if device.type != "cuda":
         pytest.skip("needs a CUDA GPU and compiled Triton (TRITON_INTERPRET unset or 0)")
     return device
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _narrow_gpu_autotune():
+    """On the compiled GPU path, let ``matmul_concat_k``'s autotuner choose between its largest and its
+    smallest tile only. A full search compiles and times every config for every new shape the tests
+    use -- minutes of compile time on a fresh machine, more than ``bench/gpu_check.sh`` can spend.
+    Every config is still checked on its own by ``test_matmul_concat_k_every_gpu_tile_config``;
+    ``MAGE_TEST_FULL_AUTOTUNE=1`` keeps the whole search space."""
+    full_search = os.environ.get("MAGE_TEST_FULL_AUTOTUNE", "0") not in ("", "0")
+    if triton_device().type != "cuda" or full_search:
+        yield
+        return
+    from mage_kernels.kernels import lora
+
+    kernel = lora._matmul_concat_k_kernel
+    configs = kernel.configs
+    kernel.configs = [configs[0], configs[-1]]
+    yield
+    kernel.configs = configs
+
+
+def pytest_configure(config) -> None:
+    """With ``MAGE_REQUIRE_CUDA_TESTS=1`` (bench/gpu_check.sh) refuse to run unless the Triton tests
+    use CUDA tensors and compiled kernels: a GPU check must not silently test on the CPU."""
+    if os.environ.get("MAGE_REQUIRE_CUDA_TESTS", "0") not in ("", "0") and triton_device().type != "cuda":
+        raise pytest.UsageError(
+            "MAGE_REQUIRE_CUDA_TESTS=1 but the Triton tests would run on CPU tensors: "
+            f"torch.cuda.is_available()={torch.cuda.is_available()}, "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r} (needs a CUDA GPU and TRITON_INTERPRET=0)"
+        )
 
 
 def pytest_report_header(config) -> str:

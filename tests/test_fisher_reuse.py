@@ -7,8 +7,8 @@ import mage_kernels as mk
 from mage_kernels import reference
 
 
-def _layer(dtype=torch.float64):
-    layer = mk.MageLinear(12, 12, r=2, alpha=8, dropout=0.0, dtype=dtype)
+def _layer(dtype=torch.float64, device=None):
+    layer = mk.MageLinear(12, 12, r=2, alpha=8, dropout=0.0, dtype=dtype, device=device)
     with torch.no_grad():
         for b in layer.lora_B:
             b.normal_()
@@ -17,7 +17,7 @@ def _layer(dtype=torch.float64):
 
 def _per_sample_sq_sum(layer, loss_fn, x):
     """sum_n (d loss_n / dA)^2 with loss_n = loss_fn(x[n:n+1]) by brute force (float64)."""
-    total_a = torch.zeros(4 * layer.r, 12, dtype=x.dtype)
+    total_a = torch.zeros(4 * layer.r, 12, dtype=x.dtype, device=x.device)
     for n in range(x.shape[0]):
         layer.zero_grad(set_to_none=True)
         loss_fn(x[n:n + 1]).backward()
@@ -27,10 +27,10 @@ def _per_sample_sq_sum(layer, loss_fn, x):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_two_forwards_in_one_backward_accumulate_both(backend):
+def test_two_forwards_in_one_backward_accumulate_both(backend, device):
     dtype = torch.float64 if backend == "torch" else torch.float32  # Triton kernels: fp16/bf16/fp32
-    layer = _layer(dtype)
-    x1, x2 = torch.randn(3, 4, 12, dtype=dtype), torch.randn(3, 4, 12, dtype=dtype)
+    layer = _layer(dtype, device)  # device: tests/conftest.py (CUDA with compiled Triton, else CPU)
+    x1, x2 = torch.randn(3, 4, 12, dtype=dtype, device=device), torch.randn(3, 4, 12, dtype=dtype, device=device)
     with mk.use_backend(backend):
         fisher = mk.Fisher(layer, loss_reduction="sum")
         (layer(x1).square().sum() + layer(x2).sum()).backward()  # must not raise
