@@ -12,9 +12,12 @@
 #      and check it loads and its op schemas equal the Python ops'                      (max  20 s)
 #   3. the whole test suite with COMPILED Triton on CUDA tensors: TRITON_INTERPRET=0,
 #      the Triton-backend tests take tests/conftest.py's `device` fixture (cuda here),
-#      and MAGE_REQUIRE_CUDA_TESTS=1 makes pytest refuse to start if it would be cpu    (max 150 s)
+#      and MAGE_REQUIRE_CUDA_TESTS=1 makes pytest refuse to start if it would be cpu.
+#      The kernel test files run first, so that a run cut short by its limit has
+#      already checked the kernels (pytest is stopped with SIGINT and still writes
+#      its JUnit XML)                                                                     (max 200 s)
 #   4. the benchmark suites (pytest bench --benchmark-only)                              (max 150 s)
-#   -- these maxima sum to 485 s; the steps below share what is left of the budget --
+#   -- these maxima sum to 535 s; the steps below share what is left of the budget --
 #   5. the CUDA backend tests (tests/test_cuda_backend.py, tests/test_cuda_sources.py)  (max  60 s)
 #   6. compute-sanitizer memcheck of the ops (Python workload)                           (max  90 s)
 #   7. the standalone CMake build and its C++ parity test (ctest)                        (max 120 s)
@@ -129,8 +132,15 @@ sys.exit(0 if mod is not None and not problems else 1)
 EOF
 
 # ---------------------------------------------------------------- 3. whole test suite, compiled Triton
-# The report header names the device of the Triton tests; -rs lists every skip with its reason.
-STEP_SIGNAL=INT step test_suite 150 30 python -m pytest -q -rs tests --junitxml="$BASE.tests.xml"
+# Kernel tests first (pytest runs explicitly listed files in the given order), then every
+# other tests/test_*.py. The report header names the device of the Triton tests; -rs lists
+# every skip with its reason.
+KERNEL_TESTS=(tests/test_lora_kernels.py tests/test_weight_grad_kernel.py tests/test_lora_op.py tests/test_fisher.py
+  tests/test_pema.py tests/test_pema_foreach.py tests/test_fisher_reuse.py tests/test_cuda_backend.py)
+SUITE=()
+for f in "${KERNEL_TESTS[@]}"; do [[ -f "$f" ]] && SUITE+=("$f"); done
+for f in tests/test_*.py; do [[ " ${SUITE[*]} " == *" $f "* ]] || SUITE+=("$f"); done
+STEP_SIGNAL=INT step test_suite 200 30 python -m pytest -q -rs "${SUITE[@]}" --junitxml="$BASE.tests.xml"
 
 # ---------------------------------------------------------------- 4. benchmarks
 STEP_SIGNAL=INT step benchmarks 150 30 env MAGE_BENCH_RESULTS="$BASE.bench.md" python -m pytest -q bench --benchmark-only \
