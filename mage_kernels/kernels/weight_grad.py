@@ -46,7 +46,7 @@ import triton.language as tl
 
 from ..backends import triton_interpreter
 from ..weight_grad_op import OP_SCHEMA, weight_grad_with_fisher_op  # noqa: F401  (re-exported)
-from .lora import SUPPORTED_DTYPES, dot_allows_tf32, num_sms
+from .lora import _check_operands, dot_allows_tf32, num_sms
 
 __all__ = ["weight_grad_with_fisher", "weight_grad_with_fisher_op", "OP_SCHEMA"]
 
@@ -128,20 +128,7 @@ def _pow2_block(n: int, hi: int) -> int:
 
 
 def _check_inputs(g, x, num_samples, fisher, token_weight) -> None:
-    for name, t in (("g", g), ("x", x)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"weight_grad_with_fisher: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"weight_grad_with_fisher: {name} must be 2-D [tokens, features], got {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"weight_grad_with_fisher: {name} has dtype {t.dtype}; the Triton kernel supports "
-                f"{', '.join(str(d) for d in SUPPORTED_DTYPES)} (use the 'torch' backend for others)"
-            )
-    if g.dtype != x.dtype:
-        raise TypeError(f"weight_grad_with_fisher: g is {g.dtype} but x is {x.dtype}")
-    if g.device != x.device:
-        raise ValueError(f"weight_grad_with_fisher: g is on {g.device} but x is on {x.device}")
+    _check_operands("weight_grad_with_fisher", ["g", "x"], [g, x])
     if g.shape[0] != x.shape[0]:
         raise ValueError(f"weight_grad_with_fisher: g has {g.shape[0]} tokens but x has {x.shape[0]}")
     m, p, q = g.shape[0], g.shape[1], x.shape[1]
