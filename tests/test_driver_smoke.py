@@ -58,8 +58,15 @@ def test_smoke_sequence_fills_the_matrices_consistently(smoke_runs, method):
     assert math.isclose(m["Forgetting"], m["Avg.IUF"] + m["Avg.HAL"] + m["Avg.OTH"], abs_tol=1e-6)
     assert r["stage_avg_acc"] == M.stage_avg_acc(r["acc"])
     assert r["train_tokens"] > 0 and r["tokens_per_second"] > 0 and r["peak_bytes"] > 0
-    # the loss went down on the sequence's first task (training happened)
     assert all(math.isfinite(x) for x in r["final_loss"])
+    # training happened: the B matrices (zero at initialization) moved
+    ckpt = torch.load(out / method / "checkpoint.pt", weights_only=True)
+    moved = [k for k, t in ckpt["adapters"].items() if ".lora_B." in k and t.abs().sum() > 0]
+    assert moved
+    if method == "mage":  # every adapter of the four was trained by some task (modality freezing rotates them)
+        assert {k.rsplit(".", 1)[-1] for k in moved} == {"0", "1", "2", "3"}
+        fb = [d["pema_fallback_fraction"] for d in r["diagnostics"]]
+        assert len(fb) == 6 and all(0.0 <= x <= 1.0 for x in fb)
 
 
 def test_smoke_results_directory(smoke_runs):

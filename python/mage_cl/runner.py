@@ -205,7 +205,8 @@ def _run(opts: RunOptions, preset: Preset, work: Optional[Workload], write: bool
             payload = {"stages_done": j + 1, "stages": stages, "adapters": method.adapter_state(),
                        "method_state": method.state_dict()}
             checkpoint.save(out, payload, config)
-        if opts.max_stages is not None and len(stages) >= opts.max_stages and len(stages) < len(work.names):
+        if (opts.max_stages is not None and not method.joint and len(stages) >= opts.max_stages
+                and len(stages) < len(work.names)):
             raise _Stop()
 
     seq = Sequencer(model, method, work.tasks, work.names, preset.train, work.pad_id, work.eos_id,
