@@ -124,3 +124,33 @@ def test_generation_stops_at_eos_and_collate_masks_the_prompt():
         model.model.norm.weight.fill_(1.0)
     outs = greedy_generate(model, [e.prompt for e in ex], 5, v.pad_id, v.eos_id)
     assert outs == [[], []] or all(len(o) <= 5 for o in outs)
+
+
+def test_zero_shot_and_multitask_records():
+    from mage_cl import results
+    from mage_cl.methods import make_method
+    from mage_cl.trainer import Sequencer, TrainConfig
+
+    tasks = toy_tasks(n_train=8, n_test=4)
+    names = ["echo", "draw"]
+    cfg = TrainConfig(steps_per_task=2, batch_size=4, eval_batch_size=4)
+    recs = []
+    for name in ("zero-shot", "multitask"):
+        v, model = tiny_model()
+        m = make_method(name)
+        m.setup(model)
+        stages = Sequencer(model, m, tasks, names, cfg, v.pad_id, v.eos_id).run()
+        from dataclasses import asdict
+
+        recs.append(results.build_record(name, names, ["Echo", "Draw"], [asdict(s) for s in stages], m.joint, {}))
+    zs, mt = recs
+    # zero-shot: nothing trains, every stage sees the same model
+    assert zs["complete"] and zs["acc"][1][0] == zs["acc"][0][0] and zs["metrics"]["Forgetting"] == 0.0
+    assert zs["train_tokens"] == 0
+    # multitask: one joint stage of 2 x 2 steps, only the final row exists, only Avg.ACC is defined
+    assert mt["complete"] and mt["acc"][0] == [None, None] and len(mt["acc"][1]) == 2
+    assert mt["metrics"]["Avg.ACC"] == sum(mt["acc"][1]) / 2
+    assert all(math.isnan(mt["metrics"][k]) for k in ("Forgetting", "New.ACC", "Avg.IUF"))
+    assert mt["train_tokens"] > 0
+    row = [l for l in results.markdown_table(recs).splitlines() if l.startswith("| multitask")][0]
+    assert row.split("|")[5].strip() == "-"  # Forgetting (columns: method, 2 tasks, Avg.ACC, Forgetting)
