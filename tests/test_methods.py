@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mage_kernels as mk
-from mage_cl.methods import METHODS, MethodConfig, MoELoRALinear, make_method
+from mage_cl.methods import METHODS, MoELoRALinear, make_method
 from mage_cl.methods.base import batch_loss
 from mage_cl.trainer import TrainConfig, collate, train_task
 

@@ -19,7 +19,6 @@ import torch
 
 import mage_kernels as mk
 
-from .. import distributed
 from .base import Method, batch_loss, tensor_bytes
 
 __all__ = ["EWC"]
@@ -53,8 +52,9 @@ class EWC(Method):
         try:
             for batch in train_batches():
                 model.zero_grad(set_to_none=True)
-                with fisher.token_weight(batch["labels"][:, 1:] != -100) if _wants_mask(fisher) else _null():
-                    batch_loss(model, batch).backward()
+                # no token weights: the loss already masks prompt and padding, and the prompt
+                # positions must keep their gradient path (attention) into the answer's loss
+                batch_loss(model, batch).backward()
             fisher.sync()
             values = {}
             for n, p in params.items():
@@ -84,14 +84,3 @@ class EWC(Method):
         self.fisher = {k: v.to(dev) for k, v in state.get("fisher", {}).items()}
         self.anchor = {k: v.to(dev) for k, v in state.get("anchor", {}).items()}
 
-
-def _wants_mask(fisher) -> bool:
-    return False
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
