@@ -33,6 +33,7 @@ from .inject import (
 )
 from .layer import ADAPTERS, MageLinear, adapters_for_task
 from .lora_op import lora_linear
+from . import cuda_extension  # noqa: E402  (the optional _C loader: mk.cuda_extension.schema_mismatches())
 from . import weight_grad_op  # noqa: F401  (registers torch.ops.mage.weight_grad_with_fisher; no Triton import)
 from .fisher import Fisher
 from .ema import DEMA, PEMA, pema_update_
