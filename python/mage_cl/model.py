@@ -7,18 +7,21 @@ images. This module builds the miniature stand-in: a LLaMA-architecture causal L
 reads and writes both modalities.
 
 Before the continual sequence it is *pretrained briefly on a generic mixture*
-built only from the benchmark's training split:
+(:data:`MIXTURE`) built only from the benchmark's training split:
 
-* image modelling -- each image-token run found in a training example, alone
-  (``BOS image EOS``), without its caption, question or answer, and
-* text modelling -- each text span of a training prompt (the instructions), alone,
+* plain modelling -- each image-token run found in a training example, alone
+  (``BOS image EOS``), and each text span of a training prompt, alone, and
+* generic instruction following -- small tasks that are none of the six (repeat / reverse /
+  count the letters of a word, the next letter, copy or blank an image, count its bright
+  pixels, draw a blank or full square; see :func:`_generic_instruction`),
 
-so the model knows the statistics of both modalities but none of the six tasks'
-input -> output mappings (those are what continual learning must teach). The
-pretrained weights are cached on disk (``$MAGE_CL_CACHE`` or ``~/.cache/mage_cl``)
-under a key hashed from the model config, the pretraining config, the vocabulary
-and the seed; they are reproducible from the seed. The model is then frozen and
-MageLinear adapters are injected by the methods (:mod:`mage_cl.methods`).
+so the model knows the statistics of both modalities and the *format prior* of an
+instruction-tuned base model (questions are answered with text, image instructions with an
+image) but none of the six tasks' input -> output mappings (those are what continual
+learning must teach). The pretrained weights are cached on disk (``$MAGE_CL_CACHE`` or
+``~/.cache/mage_cl``) under a key hashed from the model config, the pretraining config, the
+mixture's name, the vocabulary, the seed and the corpus itself; they are reproducible from
+the seed. The model is then frozen and MageLinear adapters are injected by the methods (:mod:`mage_cl.methods`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -35,6 +39,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "MIXTURE",
     "ModelConfig",
     "PretrainConfig",
     "build_model",
@@ -47,7 +52,7 @@ __all__ = [
 ]
 
 #: Bump when the pretraining recipe changes, so stale caches are not reused.
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -117,13 +122,86 @@ def _runs(ids: Sequence[int], pred) -> List[List[int]]:
     return out
 
 
-def pretrain_corpus(vocab, train_sets: Iterable[Sequence], max_sequences: int, seed: int) -> List[List[int]]:
-    """The generic mixture: lone image-token runs and lone prompt text spans from training examples.
+#: Name of the generic pretraining mixture; part of the cache key (bump on any change).
+MIXTURE = "generic-instructions-v2"
 
-    Answers (the example targets' text) are left out, and no image is ever paired
-    with text, so no task mapping is learned here.
+#: Fraction of the mixture that is plain modelling (lone images, lone prompt texts); the rest
+#: is generic instruction following (:func:`_generic_instruction`).
+PLAIN_FRACTION = 0.25
+
+
+def _words(text_runs: Iterable[Sequence[int]], vocab) -> List[str]:
+    """Distinct alphabetic words (2-8 letters) of the decoded text runs, in first-seen order."""
+    seen: Dict[str, None] = {}
+    for run in text_runs:
+        for w in re.findall(r"[a-z]+", vocab.decode_text(run)):
+            if 2 <= len(w) <= 8:
+                seen.setdefault(w, None)
+    return list(seen)
+
+
+def _generic_instruction(vocab, rng: random.Random, images: List[List[int]], words: List[str]) -> List[int]:
+    """One generic instruction-following sequence ``BOS [image] text SEP answer EOS``.
+
+    None of these is one of the six benchmark tasks; together they teach the *format prior*
+    the paper's base model has: a question is answered with text, an image instruction with
+    an image. Kinds (drawn uniformly):
+
+    * text -> text: ``repeat: <word>``, ``spell <word> backwards.``, ``how many letters in
+      <word>?`` (a number), ``what comes after <letter>?`` (the next letter);
+    * image + text -> image: ``copy the image.`` (the same pixels), ``make it blank.`` (all
+      level 0, same size);
+    * image + text -> text: ``how many bright pixels?`` (count of the top level, a number),
+      ``is the first pixel dark?`` (``yes``/``no``);
+    * text -> image: ``draw a blank square.`` / ``draw a full square.`` (8 x 8, all level 0 /
+      all top level).
     """
-    images, texts = [], []
+    enc = vocab.encode_text
+    top = vocab.image_offset + vocab.levels - 1
+    kind = rng.randrange(10)
+    img: List[int] = []
+    if kind <= 3:
+        w = rng.choice(words)
+        if kind == 0:
+            text, ans = f"repeat: {w}", enc(w)
+        elif kind == 1:
+            text, ans = f"spell {w} backwards.", enc(w[::-1])
+        elif kind == 2:
+            text, ans = f"how many letters in {w}?", enc(str(len(w)))
+        else:
+            c = rng.choice("abcdefghijklmnopqrstuvwxy")
+            text, ans = f"what comes after {c}?", enc(chr(ord(c) + 1))
+    elif kind <= 7:
+        run = rng.choice(images)
+        img = [vocab.boi_id] + run + [vocab.eoi_id]
+        if kind == 4:
+            text, ans = "copy the image.", list(img)
+        elif kind == 5:
+            text, ans = "make it blank.", [vocab.boi_id] + [vocab.image_offset] * len(run) + [vocab.eoi_id]
+        elif kind == 6:
+            text, ans = "how many bright pixels?", enc(str(sum(t == top for t in run)))
+        else:
+            text, ans = "is the first pixel dark?", enc("yes" if run[0] == vocab.image_offset else "no")
+    else:
+        fill = vocab.image_offset if kind == 8 else top
+        text = "draw a blank square." if kind == 8 else "draw a full square."
+        ans = [vocab.boi_id] + [fill] * 64 + [vocab.eoi_id]
+    return [vocab.bos_id] + img + enc(text) + [vocab.sep_id] + ans + [vocab.eos_id]
+
+
+def pretrain_corpus(vocab, train_sets: Iterable[Sequence], max_sequences: int, seed: int) -> List[List[int]]:
+    """The generic mixture (:data:`MIXTURE`), built from the training examples only.
+
+    * plain modelling (:data:`PLAIN_FRACTION`): lone image-token runs (``BOS BOI image EOI
+      EOS``) and lone prompt text spans, and
+    * generic instruction following (:func:`_generic_instruction`) over the same training
+      images and the words of the training prompts.
+
+    The task answers are never used, and no image is paired with a task's text, so none of
+    the six tasks' input -> output mappings is learned here -- only the format prior.
+    Deterministic given ``seed``.
+    """
+    runs, images, texts = [], [], []
     seen_img, seen_txt = set(), set()
     for examples in train_sets:
         for ex in examples:
@@ -131,26 +209,32 @@ def pretrain_corpus(vocab, train_sets: Iterable[Sequence], max_sequences: int, s
                 key = tuple(run)
                 if key not in seen_img:
                     seen_img.add(key)
+                    runs.append(run)
                     images.append([vocab.bos_id, vocab.boi_id] + run + [vocab.eoi_id, vocab.eos_id])
             for run in _runs(ex.prompt, vocab.is_text_token):
                 key = tuple(run)
                 if len(run) > 1 and key not in seen_txt:
                     seen_txt.add(key)
-                    texts.append([vocab.bos_id] + run + [vocab.eos_id])
+                    texts.append(run)
+    if not images and not texts:
+        raise ValueError("the pretraining corpus is empty: the tasks have no training examples")
+    words = _words(texts, vocab)
+    texts = [[vocab.bos_id] + run + [vocab.eos_id] for run in texts]
     rng = random.Random(seed)
     rng.shuffle(images)
     rng.shuffle(texts)
-    n_txt = min(len(texts), max_sequences // 4)
-    corpus = images[: max_sequences - n_txt] + texts[:n_txt]
+    n_plain = int(round(PLAIN_FRACTION * max_sequences))
+    n_txt = min(len(texts), n_plain // 4)
+    corpus = images[: n_plain - n_txt] + texts[:n_txt]
+    if runs and words:
+        corpus += [_generic_instruction(vocab, rng, runs, words) for _ in range(max_sequences - len(corpus))]
     rng.shuffle(corpus)
-    if not corpus:
-        raise ValueError("the pretraining corpus is empty: the tasks have no training examples")
     return corpus
 
 
 def _key(vocab, mcfg: ModelConfig, pcfg: PretrainConfig, seed: int, corpus: List[List[int]]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"v": _RECIPE_VERSION, "model": asdict(mcfg), "pretrain": asdict(pcfg),
+    h.update(json.dumps({"v": _RECIPE_VERSION, "mixture": MIXTURE, "model": asdict(mcfg), "pretrain": asdict(pcfg),
                          "vocab": vocab.size, "seed": seed}, sort_keys=True).encode())
     for seq in corpus:
         h.update(b"|" + ",".join(map(str, seq)).encode())

@@ -40,8 +40,8 @@ PRESETS: Dict[str, Preset] = {
     "cpu": Preset(
         "cpu",
         ModelConfig(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=256),
-        PretrainConfig(steps=600, batch_size=32, lr=3e-3),
-        TrainConfig(steps_per_task=250, batch_size=16, lr=3e-3, eval_batch_size=100, max_eval=100,
+        PretrainConfig(steps=800, batch_size=32, lr=3e-3),
+        TrainConfig(steps_per_task=250, batch_size=16, lr=1e-3, eval_batch_size=100, max_eval=100,
                     consolidate_batches=8),
         cpu_threads=1,
     ),
