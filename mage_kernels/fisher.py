@@ -273,10 +273,7 @@ class Fisher:
 
     def for_parameter(self, param: torch.Tensor) -> torch.Tensor:
         """``F`` for one adapter parameter (``lora_A[k]`` or ``lora_B[k]`` of a tracked layer), shaped like it."""
-        where = self._param_index.get(id(param))
-        if where is None:
-            raise KeyError("the tensor is not an adapter parameter (lora_A[k] / lora_B[k]) of a layer this Fisher tracks")
-        return self._sum_view(*where) / self._divisor()
+        return self.for_parameters([param])[0]
 
     def for_parameters(self, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """:meth:`for_parameter` for many parameters at once (one multi-tensor division)."""
@@ -284,7 +281,7 @@ class Fisher:
         for p in params:
             where = self._param_index.get(id(p))
             if where is None:
-                raise KeyError("a tensor is not an adapter parameter of a layer this Fisher tracks")
+                raise KeyError("a tensor is not an adapter parameter (lora_A[k] / lora_B[k]) of a layer this Fisher tracks")
             views.append(self._sum_view(*where))
         return list(torch._foreach_div(views, self._divisor())) if views else []
 
