@@ -237,10 +237,12 @@ def test_editing_judge_threshold_separates_edits_from_non_edits(tasks):
     rng = np.random.default_rng(0)
     images, _ = load_digit_levels(V)
     _, test_idx = global_split(0)
-    copies, randoms = [], []
+    copies, randoms, other_edits = [], [], []
     for ex in ed.test:
-        src, _ = _image_in_prompt(ex, DIGIT_SHAPE)
+        src, instr = _image_in_prompt(ex, DIGIT_SHAPE)
         copies.append(ed.judge(V.encode_image(src), ex).correct)
+        other_edits += [ed.judge(V.encode_image(op(src, V.levels)), ex).correct
+                        for name, op in EDIT_OPS.items() if name != instr]
         randoms.append(ed.judge(V.encode_image(images[rng.choice(test_idx)]), ex).correct)
         target = ex.meta["target_image"]
         noisy = target.copy()
@@ -248,9 +250,10 @@ def test_editing_judge_threshold_separates_edits_from_non_edits(tasks):
         noisy.flat[flip] = np.where(noisy.flat[flip] > 0, noisy.flat[flip] - 1, 1)  # 8 pixels off by one
         assert EditJudge(V, get_judge(0, V)).distance(noisy, target) <= EDIT_MAX_MEAN_ABS_DIFF
     assert np.mean(copies) <= 0.15 and not any(randoms)
+    assert np.mean(other_edits) <= 0.05  # the instruction decides the output: a wrong edit fails
     ex = ed.test[0]
     assert ed.judge(ex.target[:-2], ex).error == "OTH"  # image without EOI
-    assert ed.judge(_text("mirror it."), ex).error == "IUF"
+    assert ed.judge(_text("shift it down."), ex).error == "IUF"
     assert ed.judge(V.encode_image(np.zeros((8, 8), int) + 4), ex).error == "HAL"
 
 
@@ -293,3 +296,16 @@ def test_error_rates_partition_the_test_set():
     assert r == {"ACC": 50.0, "IUF": 12.5, "HAL": 25.0, "OTH": 12.5}
     with pytest.raises(ValueError, match="no verdicts"):
         error_rates([])
+
+
+def test_shift_edits_move_pixels_and_blank_the_vacated_border():
+    from mage_cl.tasks.digits import _shift
+
+    im = np.random.default_rng(3).integers(1, V.levels, size=DIGIT_SHAPE)
+    right, down = EDIT_OPS["shift it right."](im, V.levels), EDIT_OPS["shift it down."](im, V.levels)
+    np.testing.assert_array_equal(right[:, 2:], im[:, :-2])
+    np.testing.assert_array_equal(down[2:], im[:-2])
+    assert not right[:, :2].any() and not down[:2].any()
+    np.testing.assert_array_equal(_shift(im, 1, -1)[1:, :-1], im[:-1, 1:])  # negative: up / left
+    assert not _shift(im, 1, -1)[0].any() and not _shift(im, 1, -1)[:, -1].any()
+    assert not _shift(im, 8, 0).any()
