@@ -123,11 +123,52 @@ def _runs(ids: Sequence[int], pred) -> List[List[int]]:
 
 
 #: Name of the generic pretraining mixture; part of the cache key (bump on any change).
-MIXTURE = "generic-instructions-v2"
+MIXTURE = "format-prior-and-generic-instructions-v3"
 
-#: Fraction of the mixture that is plain modelling (lone images, lone prompt texts); the rest
-#: is generic instruction following (:func:`_generic_instruction`).
+#: Fraction of the mixture that is plain modelling (lone images, lone prompt texts).
 PLAIN_FRACTION = 0.25
+
+#: Fraction that is the answer-form prior (:func:`_format_prior`); the rest is generic
+#: instruction following (:func:`_generic_instruction`).
+FORMAT_FRACTION = 0.25
+
+
+def _format_prior(vocab, rng: random.Random, train_sets: List[List], n: int) -> List[List[int]]:
+    """``n`` sequences teaching the *form* of each training prompt's answer, not its content.
+
+    Each is a training prompt followed by an answer drawn at random, independent of the
+    prompt's image: the answer of another training example of the same task and the same
+    answer form (``meta["form"]``: yes/no, number, class word, box), or, when the task
+    answers with an image, a random training digit image (never an edited one, so nothing of
+    an edit's rule leaks). The base model thus answers a question of each kind in the right
+    form, at chance content -- as an instruction-tuned multimodal LLM answers VQAv2 with a word
+    and RefCOCO with a box before it is fine-tuned on them -- while the input -> answer
+    mappings stay for continual learning to teach. Zero-shot accuracy is then the chance rate
+    of each task (reported by ``mage-cl run --method zero-shot``).
+    """
+    groups: Dict[Tuple[int, str], List] = {}
+    sources: List[List[int]] = []
+    for t, examples in enumerate(train_sets):
+        for ex in examples:
+            first = ex.target[0] if ex.target else None
+            form = "image" if first == vocab.boi_id else str(ex.meta.get("form", "text"))
+            groups.setdefault((t, form), []).append(ex)
+            for run in _runs(ex.prompt, vocab.is_image_token):
+                if len(run) == 64:  # an 8x8 digit as the prompt shows it (pixels only)
+                    sources.append(run)
+    keys = sorted(groups)
+    out: List[List[int]] = []
+    if not keys:
+        return out
+    for _ in range(n):
+        group = groups[keys[rng.randrange(len(keys))]]
+        ex = rng.choice(group)
+        if ex.target and ex.target[0] == vocab.boi_id and sources:
+            answer = [vocab.boi_id] + rng.choice(sources) + [vocab.eoi_id, vocab.eos_id]
+        else:
+            answer = list(rng.choice(group).target)
+        out.append(list(ex.prompt) + answer)
+    return out
 
 
 def _words(text_runs: Iterable[Sequence[int]], vocab) -> List[str]:
@@ -140,52 +181,102 @@ def _words(text_runs: Iterable[Sequence[int]], vocab) -> List[str]:
     return list(seen)
 
 
+#: Image shape of an image-token run, from its length (the benchmark's 8x8 digits, 8x16 OCR
+#: strips and 12x12 grounding canvases); other lengths are treated as one row.
+_RUN_SHAPES = {64: (8, 8), 128: (8, 16), 144: (12, 12)}
+
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _ink_box(run: Sequence[int], offset: int) -> str:
+    """``[x1,y1,x2,y2]`` (normalized, 2 decimals) around the non-zero pixels of an image run."""
+    h, w = _RUN_SHAPES.get(len(run), (1, len(run)))
+    ink = [(i // w, i % w) for i, t in enumerate(run) if t != offset]
+    if not ink:
+        return "[0.00,0.00,0.00,0.00]"
+    r0, r1 = min(r for r, _ in ink), max(r for r, _ in ink)
+    c0, c1 = min(c for _, c in ink), max(c for _, c in ink)
+    return "[" + ",".join(f"{v:.2f}" for v in (c0 / w, r0 / h, (c1 + 1) / w, (r1 + 1) / h)) + "]"
+
+
 def _generic_instruction(vocab, rng: random.Random, images: List[List[int]], words: List[str]) -> List[int]:
     """One generic instruction-following sequence ``BOS [image] text SEP answer EOS``.
 
-    None of these is one of the six benchmark tasks; together they teach the *format prior*
-    the paper's base model has: a question is answered with text, an image instruction with
-    an image. Kinds (drawn uniformly):
+    None of these is one of the six benchmark tasks' mappings; together they teach the
+    *instruction-following prior* the paper's base model has: the form of the answer follows
+    the instruction (a yes/no question gets ``yes``/``no``, ``how many`` a number, ``what`` a
+    word, ``where`` a box, ``draw``/``make``/``copy`` an image), with several templates per form
+    so the prior is keyed on the instruction, not memorized per template. Templates (drawn
+    uniformly, 22 in all):
 
-    * text -> text: ``repeat: <word>``, ``spell <word> backwards.``, ``how many letters in
-      <word>?`` (a number), ``what comes after <letter>?`` (the next letter);
-    * image + text -> image: ``copy the image.`` (the same pixels), ``make it blank.`` (all
-      level 0, same size);
-    * image + text -> text: ``how many bright pixels?`` (count of the top level, a number),
-      ``is the first pixel dark?`` (``yes``/``no``);
-    * text -> image: ``draw a blank square.`` / ``draw a full square.`` (8 x 8, all level 0 /
-      all top level).
+    * text -> text: repeat / spell backwards / first letter of a word, the next letter, letters
+      or vowels in a word (numbers), ``is <word> longer than <k> letters?``, ``does <word>
+      start with <c>?`` (yes/no), a number written in words and back (general language
+      knowledge every LLM has; no image involved);
+    * image + text -> text: bright pixels, or dark pixels of the top row (numbers); is the
+      first pixel dark, is the top row blank, is the image mostly dark (yes/no); ``what is the
+      first pixel?`` (``dark`` / ``gray`` / ``bright``); ``where is the ink?`` (the box
+      around every non-zero pixel, the grounding answer format, not its mapping: it never
+      names or separates digits);
+    * image + text -> image: copy it, blank it, keep its top half (bottom half blanked);
+    * text -> image: draw a blank / full square, draw a frame (8 x 8).
     """
     enc = vocab.encode_text
-    top = vocab.image_offset + vocab.levels - 1
-    kind = rng.randrange(10)
+    off = vocab.image_offset
+    top = off + vocab.levels - 1
+    kind = rng.randrange(22)
     img: List[int] = []
-    if kind <= 3:
+    if kind <= 9:  # text -> text
         w = rng.choice(words)
-        if kind == 0:
-            text, ans = f"repeat: {w}", enc(w)
-        elif kind == 1:
-            text, ans = f"spell {w} backwards.", enc(w[::-1])
-        elif kind == 2:
-            text, ans = f"how many letters in {w}?", enc(str(len(w)))
-        else:
-            c = rng.choice("abcdefghijklmnopqrstuvwxy")
-            text, ans = f"what comes after {c}?", enc(chr(ord(c) + 1))
-    elif kind <= 7:
+        c = rng.choice("abcdefghijklmnopqrstuvwxy")
+        n = rng.randrange(10)
+        text, ans = [
+            (f"repeat: {w}", w),
+            (f"spell {w} backwards.", w[::-1]),
+            (f"what is the first letter of {w}?", w[0]),
+            (f"what comes after {c}?", chr(ord(c) + 1)),
+            (f"how many letters in {w}?", str(len(w))),
+            (f"how many vowels in {w}?", str(sum(ch in "aeiou" for ch in w))),
+            (f"is {w} longer than {n % 6 + 2} letters?", "yes" if len(w) > n % 6 + 2 else "no"),
+            (f"does {w} start with {c}?", "yes" if w[0] == c else "no"),
+            (f"write {n} in words.", _NUMBER_WORDS[n]),
+            (f"write {_NUMBER_WORDS[n]} as a number.", str(n)),
+        ][kind]
+        ans = enc(ans)
+    elif kind <= 18:  # image + text -> text / image
         run = rng.choice(images)
         img = [vocab.boi_id] + run + [vocab.eoi_id]
-        if kind == 4:
-            text, ans = "copy the image.", list(img)
-        elif kind == 5:
-            text, ans = "make it blank.", [vocab.boi_id] + [vocab.image_offset] * len(run) + [vocab.eoi_id]
-        elif kind == 6:
+        h, w_ = _RUN_SHAPES.get(len(run), (1, len(run)))
+        mid = off + vocab.levels // 2
+        if kind == 10:
             text, ans = "how many bright pixels?", enc(str(sum(t == top for t in run)))
+        elif kind == 11:
+            text, ans = "how many dark pixels in the top row?", enc(str(sum(t == off for t in run[:w_])))
+        elif kind == 12:
+            text, ans = "is the first pixel dark?", enc("yes" if run[0] == off else "no")
+        elif kind == 13:
+            text, ans = "is the top row blank?", enc("yes" if all(t == off for t in run[:w_]) else "no")
+        elif kind == 14:
+            text, ans = "is the image mostly dark?", enc("yes" if 2 * sum(t == off for t in run) > len(run) else "no")
+        elif kind == 15:
+            word = "dark" if run[0] == off else ("bright" if run[0] >= mid else "gray")
+            text, ans = "what is the first pixel?", enc(word)
+        elif kind == 16:
+            text, ans = "where is the ink?", enc(_ink_box(run, off))
+        elif kind == 17:
+            text, ans = "copy the image.", list(img)
         else:
-            text, ans = "is the first pixel dark?", enc("yes" if run[0] == vocab.image_offset else "no")
-    else:
-        fill = vocab.image_offset if kind == 8 else top
-        text = "draw a blank square." if kind == 8 else "draw a full square."
-        ans = [vocab.boi_id] + [fill] * 64 + [vocab.eoi_id]
+            blank_from = (h // 2) * w_
+            text = rng.choice(["make it blank.", "keep the top half."])
+            kept = run[:blank_from] if text == "keep the top half." else []
+            ans = [vocab.boi_id] + kept + [off] * (len(run) - len(kept)) + [vocab.eoi_id]
+    else:  # text -> image
+        text = ["draw a blank square.", "draw a full square.", "draw a frame."][kind - 19]
+        if kind == 21:
+            pix = [top if r in (0, 7) or c in (0, 7) else off for r in range(8) for c in range(8)]
+        else:
+            pix = [off if kind == 19 else top] * 64
+        ans = [vocab.boi_id] + pix + [vocab.eoi_id]
     return [vocab.bos_id] + img + enc(text) + [vocab.sep_id] + ans + [vocab.eos_id]
 
 
@@ -201,6 +292,7 @@ def pretrain_corpus(vocab, train_sets: Iterable[Sequence], max_sequences: int, s
     the six tasks' input -> output mappings is learned here -- only the format prior.
     Deterministic given ``seed``.
     """
+    train_sets = [list(examples) for examples in train_sets]
     runs, images, texts = [], [], []
     seen_img, seen_txt = set(), set()
     for examples in train_sets:
@@ -226,6 +318,7 @@ def pretrain_corpus(vocab, train_sets: Iterable[Sequence], max_sequences: int, s
     n_plain = int(round(PLAIN_FRACTION * max_sequences))
     n_txt = min(len(texts), n_plain // 4)
     corpus = images[: n_plain - n_txt] + texts[:n_txt]
+    corpus += _format_prior(vocab, rng, train_sets, int(round(FORMAT_FRACTION * max_sequences)))
     if runs and words:
         corpus += [_generic_instruction(vocab, rng, runs, words) for _ in range(max_sequences - len(corpus))]
     rng.shuffle(corpus)
