@@ -172,9 +172,13 @@ def _stage_plot(path: Path, records: Sequence[Dict[str, object]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for r in records:
+    colors = plt.get_cmap("tab20").colors  # twelve methods: no two share a color
+    markers = "os^vD<>pPX*h"
+    for i, r in enumerate(records):
         if r["stage_avg_acc"]:
-            ax.plot(range(1, len(r["stage_avg_acc"]) + 1), r["stage_avg_acc"], marker="o", label=r["method"])
+            ax.plot(range(1, len(r["stage_avg_acc"]) + 1), r["stage_avg_acc"], marker=markers[i % len(markers)],
+                    color=colors[(2 * i) % 20 + (i // 10) % 2], label=r["method"],
+                    linewidth=2.2 if r["method"] == "mage" else 1.2)
     names = records[0]["paper_names"]
     ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right")
     ax.set_ylabel("Avg.ACC over seen tasks (%)")
