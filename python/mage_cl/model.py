@@ -6,22 +6,29 @@ images. This module builds the miniature stand-in: a LLaMA-architecture causal L
 :class:`mage_cl.vocab.Vocab` (text tokens and discrete image tokens), so one model
 reads and writes both modalities.
 
-Before the continual sequence it is *pretrained briefly on a generic mixture*
-(:data:`MIXTURE`) built only from the benchmark's training split:
+Before the continual sequence it is *pretrained briefly on a mixture* (:data:`MIXTURE`) built
+only from the benchmark's training split:
 
 * plain modelling -- each image-token run found in a training example, alone
-  (``BOS image EOS``), and each text span of a training prompt, alone, and
-* generic instruction following -- small tasks that are none of the six (repeat / reverse /
-  count the letters of a word, the next letter, copy or blank an image, count its bright
-  pixels, draw a blank or full square; see :func:`_generic_instruction`),
+  (``BOS image EOS``), and each text span of a training prompt, alone;
+* an answer-form prior (:func:`_format_prior`) -- the tasks' training prompts, each followed by
+  an answer of the right *form* drawn independently of its image (another example's answer of
+  the same task and form, or a random unedited digit for image answers);
+* generic instruction following -- 22 small tasks that are none of the six (repeat / reverse /
+  count the letters of a word, yes/no questions about words and images, copy or blank an image,
+  the box around its ink, draw a square or a frame; see :func:`_generic_instruction`),
 
-so the model knows the statistics of both modalities and the *format prior* of an
-instruction-tuned base model (questions are answered with text, image instructions with an
-image) but none of the six tasks' input -> output mappings (those are what continual
-learning must teach). The pretrained weights are cached on disk (``$MAGE_CL_CACHE`` or
-``~/.cache/mage_cl``) under a key hashed from the model config, the pretraining config, the
-mixture's name, the vocabulary, the seed and the corpus itself; they are reproducible from
-the seed. The model is then frozen and MageLinear adapters are injected by the methods (:mod:`mage_cl.methods`).
+so the model knows the statistics of both modalities and, like an instruction-tuned base
+model, answers each kind of prompt in the right form (zero-shot IUF 0 on the ``cpu`` preset),
+but at chance content: none of the six tasks' input -> output mappings is taught (those are
+what continual learning must teach). Without the answer-form prior every adapter had to teach
+the form as well, and that form then applied to every prompt: all methods forgot everything
+(``bench/results/cl_cpu_v3_2026-11-25/probes/README.md``).
+
+The pretrained weights are cached on disk (``$MAGE_CL_CACHE`` or ``~/.cache/mage_cl``) under
+a key hashed from the model config, the pretraining config, the mixture's name, the
+vocabulary, the seed and the corpus itself; they are reproducible from the seed. The model is
+then frozen and MageLinear adapters are injected by the methods (:mod:`mage_cl.methods`).
 """
 
 from __future__ import annotations
@@ -281,16 +288,19 @@ def _generic_instruction(vocab, rng: random.Random, images: List[List[int]], wor
 
 
 def pretrain_corpus(vocab, train_sets: Iterable[Sequence], max_sequences: int, seed: int) -> List[List[int]]:
-    """The generic mixture (:data:`MIXTURE`), built from the training examples only.
+    """The pretraining mixture (:data:`MIXTURE`), built from the training examples only.
 
     * plain modelling (:data:`PLAIN_FRACTION`): lone image-token runs (``BOS BOI image EOI
-      EOS``) and lone prompt text spans, and
-    * generic instruction following (:func:`_generic_instruction`) over the same training
-      images and the words of the training prompts.
+      EOS``) and lone prompt text spans;
+    * the answer-form prior (:data:`FORMAT_FRACTION`, :func:`_format_prior`): training prompts
+      with answers of the right form drawn independently of the prompt's image;
+    * generic instruction following (:func:`_generic_instruction`, the rest) over the same
+      training images and the words of the training prompts.
 
-    The task answers are never used, and no image is paired with a task's text, so none of
-    the six tasks' input -> output mappings is learned here -- only the format prior.
-    Deterministic given ``seed``.
+    A prompt is followed by an answer drawn at random from its task's answers of the same form,
+    independently of its image (its own answer only by chance), so none of the six tasks'
+    input -> output mappings is learned here -- only the answer forms. Deterministic given
+    ``seed``.
     """
     train_sets = [list(examples) for examples in train_sets]
     runs, images, texts = [], [], []
