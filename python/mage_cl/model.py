@@ -42,8 +42,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
+
+from .error_types import DIGIT_WORDS
+from .tasks.digits import DIGIT_SHAPE, GROUNDING_CANVAS, OCR_SHAPE, _ink_bbox, format_bbox
 
 __all__ = [
     "MIXTURE",
@@ -153,6 +157,7 @@ def _format_prior(vocab, rng: random.Random, train_sets: List[List], n: int) -> 
     mappings stay for continual learning to teach. Zero-shot accuracy is then the chance rate
     of each task (reported by ``mage-cl run --method zero-shot``).
     """
+    digit_pixels = DIGIT_SHAPE[0] * DIGIT_SHAPE[1]
     groups: Dict[Tuple[int, str], List] = {}
     sources: List[List[int]] = []
     for t, examples in enumerate(train_sets):
@@ -161,16 +166,17 @@ def _format_prior(vocab, rng: random.Random, train_sets: List[List], n: int) -> 
             form = "image" if first == vocab.boi_id else str(ex.meta.get("form", "text"))
             groups.setdefault((t, form), []).append(ex)
             for run in _runs(ex.prompt, vocab.is_image_token):
-                if len(run) == 64:  # an 8x8 digit as the prompt shows it (pixels only)
+                if len(run) == digit_pixels:  # a digit as the prompt shows it (pixels only)
                     sources.append(run)
     keys = sorted(groups)
     out: List[List[int]] = []
     if not keys:
         return out
     for _ in range(n):
-        group = groups[keys[rng.randrange(len(keys))]]
+        key = keys[rng.randrange(len(keys))]
+        group = groups[key]
         ex = rng.choice(group)
-        if ex.target and ex.target[0] == vocab.boi_id and sources:
+        if key[1] == "image" and sources:
             answer = [vocab.boi_id] + rng.choice(sources) + [vocab.eoi_id, vocab.eos_id]
         else:
             answer = list(rng.choice(group).target)
@@ -188,22 +194,19 @@ def _words(text_runs: Iterable[Sequence[int]], vocab) -> List[str]:
     return list(seen)
 
 
-#: Image shape of an image-token run, from its length (the benchmark's 8x8 digits, 8x16 OCR
-#: strips and 12x12 grounding canvases); other lengths are treated as one row.
-_RUN_SHAPES = {64: (8, 8), 128: (8, 16), 144: (12, 12)}
-
-_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+#: Image shape of an image-token run, from its length (the benchmark's digits, OCR strips and
+#: grounding canvases); other lengths are treated as one row.
+_RUN_SHAPES = {h * w: (h, w) for h, w in (DIGIT_SHAPE, OCR_SHAPE, GROUNDING_CANVAS)}
 
 
 def _ink_box(run: Sequence[int], offset: int) -> str:
     """``[x1,y1,x2,y2]`` (normalized, 2 decimals) around the non-zero pixels of an image run."""
     h, w = _RUN_SHAPES.get(len(run), (1, len(run)))
-    ink = [(i // w, i % w) for i, t in enumerate(run) if t != offset]
-    if not ink:
-        return "[0.00,0.00,0.00,0.00]"
-    r0, r1 = min(r for r, _ in ink), max(r for r, _ in ink)
-    c0, c1 = min(c for _, c in ink), max(c for _, c in ink)
-    return "[" + ",".join(f"{v:.2f}" for v in (c0 / w, r0 / h, (c1 + 1) / w, (r1 + 1) / h)) + "]"
+    levels_map = np.asarray(run, dtype=np.int64).reshape(h, w) - offset
+    if not levels_map.any():
+        return format_bbox((0.0, 0.0, 0.0, 0.0))
+    r0, c0, r1, c1 = _ink_bbox(levels_map)
+    return format_bbox((c0 / w, r0 / h, (c1 + 1) / w, (r1 + 1) / h))
 
 
 def _generic_instruction(vocab, rng: random.Random, images: List[List[int]], words: List[str]) -> List[int]:
@@ -246,8 +249,8 @@ def _generic_instruction(vocab, rng: random.Random, images: List[List[int]], wor
             (f"how many vowels in {w}?", str(sum(ch in "aeiou" for ch in w))),
             (f"is {w} longer than {n % 6 + 2} letters?", "yes" if len(w) > n % 6 + 2 else "no"),
             (f"does {w} start with {c}?", "yes" if w[0] == c else "no"),
-            (f"write {n} in words.", _NUMBER_WORDS[n]),
-            (f"write {_NUMBER_WORDS[n]} as a number.", str(n)),
+            (f"write {n} in words.", DIGIT_WORDS[n]),
+            (f"write {DIGIT_WORDS[n]} as a number.", str(n)),
         ][kind]
         ans = enc(ans)
     elif kind <= 18:  # image + text -> text / image
