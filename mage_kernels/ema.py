@@ -52,6 +52,10 @@ from .inject import adapter_parameters
 
 __all__ = ["PEMA", "DEMA", "pema_update_"]
 
+#: Where :meth:`PEMA.update` / :meth:`DEMA.update` read the step's gradients: ``None`` (each
+#: tensor's ``.grad``), a ``{name: tensor}`` mapping, or a sequence in the tracked order.
+GradSource = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
+
 _PEMA_SCHEMA = (
     "(Tensor[] params, Tensor(a!)[] emas, Tensor[] grads, Tensor[] fishers, float lam, float beta_fallback) -> Tensor"
 )
@@ -171,8 +175,36 @@ class _TaskEMA:
         self._last = None
         self.steps = 0
 
-    def _active(self) -> List[int]:
-        return [i for i, p in enumerate(self.params) if p.grad is not None]
+    def _gradients(self, grads: Optional[GradSource]) -> List[torch.Tensor]:
+        """The step's gradient of every tracked tensor, in :attr:`names` order; raises when one is missing.
+
+        ``grads`` is ``None`` (read ``p.grad``), a ``{name: tensor}`` mapping or a sequence
+        aligned with :attr:`names` -- for engines that keep gradients outside ``p.grad``.
+        """
+        what = type(self).__name__
+        if grads is None:
+            found = [p.grad for p in self.params]
+        elif isinstance(grads, Mapping):
+            found = [grads.get(n) for n in self.names]
+        elif isinstance(grads, (list, tuple)):
+            if len(grads) != len(self.params):
+                raise ValueError(f"{what}.update: got {len(grads)} gradients for {len(self.params)} tracked tensors")
+            found = list(grads)
+        else:
+            raise TypeError(f"{what}.update: grads must be None, a mapping name -> tensor or a sequence; "
+                            f"got {type(grads).__name__}")
+        for name, p, g in zip(self.names, self.params, found):
+            if g is None:
+                where = "p.grad is None" if grads is None else "no entry in grads"
+                raise RuntimeError(
+                    f"{what}.update: no gradient for the trainable adapter {name} ({where}). Call update() after "
+                    "backward() and optimizer.step() but before zero_grad(); an engine that keeps gradients in its "
+                    "own buffers (DeepSpeed ZeRO) needs them passed explicitly: update(..., grads={name: grad})"
+                )
+            if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(p.shape):
+                got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
+                raise ValueError(f"{what}.update: gradient of {name} has shape {got}, expected {tuple(p.shape)}")
+        return found
 
     def _record(self, counts: torch.Tensor, size: int) -> None:
         self._counts = counts.clone() if self._counts is None else self._counts + counts
@@ -274,28 +306,31 @@ class PEMA(_TaskEMA):
         self.backend = backend
         super().__init__(model)
 
-    def update(self, fisher: Union["Fisher", Mapping[str, torch.Tensor]]) -> torch.Tensor:  # noqa: F821
-        """One PEMA step after ``optimizer.step()``: uses each tensor's ``.grad`` and its Fisher.
+    def update(self, fisher: Union["Fisher", Mapping[str, torch.Tensor]],  # noqa: F821
+               grads: Optional[GradSource] = None) -> torch.Tensor:
+        """One PEMA step after ``optimizer.step()``: every tracked tensor's gradient and its Fisher.
 
         ``fisher`` is a :class:`mage_kernels.Fisher` or a ``{name: F}`` mapping
-        (``Fisher.values()``). Tensors without a gradient are left alone.
+        (``Fisher.values()``). ``grads`` defaults to each tensor's ``.grad``; pass a
+        ``{name: g}`` mapping (or a list in :attr:`names` order) when the training engine
+        keeps gradients elsewhere. A tracked tensor without a gradient raises
+        ``RuntimeError`` naming it (nothing is updated or counted).
         Returns this step's counts ``int64[2]`` (device tensor).
         """
-        idx = self._active()
-        params = [self.params[i] for i in idx]
+        grad_list = self._gradients(grads)
+        params = self.params
         if isinstance(fisher, Mapping):
-            missing = [self.names[i] for i in idx if self.names[i] not in fisher]
+            missing = [n for n in self.names if n not in fisher]
             if missing:
                 raise KeyError(f"no Fisher given for {missing[:5]}")
-            fishers = [fisher[self.names[i]] for i in idx]
+            fishers = [fisher[n] for n in self.names]
         elif hasattr(fisher, "for_parameters"):
             fishers = fisher.for_parameters(params)
         else:
             raise TypeError(f"fisher must be a mage_kernels.Fisher or a mapping name -> tensor; got {type(fisher).__name__}")
         ctx = use_backend(self.backend) if self.backend is not None else contextlib.nullcontext()
         with ctx:
-            counts = pema_update_(params, [self.emas[i] for i in idx], [p.grad for p in params], fishers,
-                                  self.lam, self.beta_fallback)
+            counts = pema_update_(params, self.emas, grad_list, fishers, self.lam, self.beta_fallback)
         self._record(counts, sum(p.numel() for p in params))
         return counts
 
@@ -325,18 +360,18 @@ class DEMA(_TaskEMA):
         self.prev_grads = [torch.zeros_like(e) for e in self.emas]
         self.last_alphas = None
 
-    def update(self, fisher: object = None) -> torch.Tensor:
-        """One DEMA step after ``optimizer.step()`` (uses ``.grad``); returns the alphas (float64, device)."""
-        idx = self._active()
-        if not idx:
-            return torch.zeros(0, dtype=torch.float64)
+    def update(self, fisher: object = None, grads: Optional[GradSource] = None) -> torch.Tensor:
+        """One DEMA step after ``optimizer.step()``; returns the alphas (float64, device).
+
+        Gradients as in :meth:`PEMA.update` (``.grad`` by default, or ``grads``); a tracked
+        tensor without one raises ``RuntimeError`` naming it.
+        """
+        grad_list = self._gradients(grads)
         with torch.no_grad():
-            alpha, counts = reference.dema_step_(
-                [self.params[i] for i in idx], [self.emas[i] for i in idx],
-                [self.params[i].grad for i in idx], [self.prev_grads[i] for i in idx], self.alpha_fallback,
-            )
+            alpha, counts = reference.dema_step_(self.params, self.emas, grad_list, self.prev_grads,
+                                                 self.alpha_fallback)
         self.last_alphas = alpha
-        self._record(counts, len(idx))
+        self._record(counts, len(self.params))
         return alpha
 
     def persistent_tensors(self) -> List[torch.Tensor]:

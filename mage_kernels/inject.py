@@ -118,10 +118,13 @@ def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def load_adapter_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Load adapters saved by :func:`adapter_state_dict`, checking names, shapes and values.
+    """Load adapters saved by :func:`adapter_state_dict`, all or nothing.
 
-    Raises ``KeyError`` for missing/unexpected keys (when ``strict``), ``ValueError``
-    for a shape mismatch or a non-finite value (a corrupt checkpoint).
+    Every entry is checked first -- names (when ``strict``), types, shapes, and that the
+    values are finite once converted to the parameter's dtype -- and only then are the
+    tensors copied, so a bad entry anywhere leaves the model unchanged. Raises
+    ``KeyError`` for missing/unexpected keys, ``ValueError`` for a shape mismatch or a
+    non-finite value (a corrupt checkpoint), naming the first offending key.
     """
     own = dict(adapter_parameters(model, trainable_only=False))
     missing = sorted(set(own) - set(state))
@@ -129,14 +132,20 @@ def load_adapter_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], st
     if strict and (missing or unexpected):
         raise KeyError(f"adapter state mismatch: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                        f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    with torch.no_grad():
-        for k, p in own.items():
-            if k not in state:
-                continue
-            v = state[k]
-            if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(p.shape):
-                raise ValueError(f"adapter {k}: expected shape {tuple(p.shape)}, got "
-                                 f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
-            if not torch.isfinite(v).all():
-                raise ValueError(f"adapter {k} holds non-finite values; the checkpoint is corrupt")
-            p.copy_(v.to(device=p.device, dtype=p.dtype))
+    staged = []
+    for k, p in own.items():
+        if k not in state:
+            continue
+        v = state[k]
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(p.shape):
+            raise ValueError(f"adapter {k}: expected shape {tuple(p.shape)}, got "
+                             f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+        if not v.is_floating_point():
+            raise ValueError(f"adapter {k}: expected a floating-point tensor, got {v.dtype}")
+        v = v.detach().to(device=p.device, dtype=p.dtype)
+        if not torch.isfinite(v).all():
+            raise ValueError(f"adapter {k} holds non-finite values (in {p.dtype}); the checkpoint is corrupt")
+        staged.append((p, v))
+    with torch.no_grad():  # nothing below can fail on a validated entry
+        for p, v in staged:
+            p.copy_(v)

@@ -16,6 +16,8 @@ per adapter). ``tests/test_layer.py::test_dropout_mask_is_shared`` pins it down.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from typing import Iterable, List, Optional, Union
 
 import torch
@@ -86,9 +88,12 @@ class MageLinear(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
-        if r <= 0 or num_adapters <= 0:
-            raise ValueError(f"r and num_adapters must be positive; got r={r}, num_adapters={num_adapters}")
-        if not 0.0 <= dropout < 1.0:
+        for what, v in (("r", r), ("num_adapters", num_adapters)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+                raise ValueError(f"{what} must be a positive integer; got {v!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"alpha must be a positive finite number; got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}")
         if base is None:
             base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -101,9 +106,9 @@ class MageLinear(nn.Module):
         self.base = base
         self.in_features = in_features
         self.out_features = out_features
-        self.r = r
-        self.alpha = alpha
-        self.num_adapters = num_adapters
+        self.r = r = int(r)
+        self.alpha = alpha = float(alpha)
+        self.num_adapters = num_adapters = int(num_adapters)
         self.scaling = alpha / (num_adapters * r)
         self.dropout = dropout
         self.quantized = _is_quantized(base)

@@ -75,6 +75,23 @@ def test_corrupt_or_mismatched_adapter_state_is_rejected(tiny_llama):
         mk.load_adapter_state_dict(model, nan)
 
 
+def test_adapter_loading_is_all_or_nothing(tiny_llama):
+    """A bad tensor in the LAST key must leave every adapter as it was (validate first, then copy)."""
+    model = mk.inject(tiny_llama, target_modules=["q_proj", "v_proj"], r=2)
+    before = mk.adapter_state_dict(model)
+    keys = list(before)
+    new = {k: torch.randn_like(v) for k, v in before.items()}
+    for bad in (torch.zeros(1, 1), torch.full_like(before[keys[-1]], float("inf")),
+                torch.full_like(before[keys[-1]], 1e6, dtype=torch.float64).mul_(1e300)):
+        with pytest.raises(ValueError, match=keys[-1].replace(".", r"\.")):
+            mk.load_adapter_state_dict(model, dict(new, **{keys[-1]: bad}))
+        after = mk.adapter_state_dict(model)
+        assert all(torch.equal(after[k], before[k]) for k in keys)
+    mk.load_adapter_state_dict(model, new)
+    after = mk.adapter_state_dict(model)
+    assert all(torch.equal(after[k], new[k]) for k in keys)
+
+
 def test_inject_without_matches_is_an_error():
     with pytest.raises(ValueError, match="no linear layer"):
         mk.inject(nn.Sequential(nn.Linear(4, 4)), target_modules=["q_proj"])

@@ -175,11 +175,27 @@ def test_adapters_on_other_device_than_input_is_an_error():
         layer(x)
 
 
-def test_bad_constructor_arguments():
-    with pytest.raises(ValueError, match="positive"):
-        mk.MageLinear(8, 8, r=0)
-    with pytest.raises(ValueError, match="dropout"):
-        mk.MageLinear(8, 8, dropout=1.0)
+@pytest.mark.parametrize("kwargs, match", [
+    ({"r": 0}, "r must be a positive integer"),
+    ({"r": 2.5}, "r must be a positive integer"),
+    ({"num_adapters": -1}, "num_adapters must be a positive integer"),
+    ({"alpha": float("nan")}, "alpha must be a positive finite number"),
+    ({"alpha": float("inf")}, "alpha must be a positive finite number"),
+    ({"alpha": 0}, "alpha must be a positive finite number"),
+    ({"alpha": -8.0}, "alpha must be a positive finite number"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"dropout": float("nan")}, "dropout"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mk.MageLinear(8, 8, **kwargs)
+
+
+def test_constructor_accepts_numpy_scalars():
+    import numpy as np
+
+    layer = mk.MageLinear(8, 8, r=np.int64(2), alpha=np.float32(4.0))
+    assert layer.r == 2 and isinstance(layer.r, int) and layer.scaling == 0.5
 
 
 def test_cpu_autocast_bfloat16_runs_in_low_precision():

@@ -245,23 +245,39 @@ def test_finish_task_skips_nan_ema_with_a_warning_and_start_task_rereads_trainab
     assert pema.fallback_count == 0 and pema.last_fallback_fraction == 0.0
 
 
-def test_update_does_not_sync_and_skips_params_without_grad(device):
+def test_update_does_not_sync_and_raises_for_a_missing_grad(device):
     layer = _model(device)  # backend "auto": triton on CUDA, torch on CPU
     fisher = mk.Fisher(layer)
     pema = mk.PEMA(layer)
     layer(torch.randn(2, 3, 6, device=device)).sum().backward()
-    layer.lora_A[2].grad = None  # e.g. unused this step
     with torch.no_grad():  # an optimizer step moved theta away from theta*
         for p in pema.params:
             p.add_(0.1)
     before = [e.clone() for e in pema.emas]
+    # a trainable adapter without a gradient (e.g. an engine keeping it elsewhere): a clear error,
+    # nothing updated, nothing counted
+    saved = layer.lora_A[2].grad
+    layer.lora_A[2].grad = None
+    with pytest.raises(RuntimeError, match=r"no gradient for the trainable adapter lora_A\.2 .*grads="):
+        pema.update(fisher)
+    assert pema.steps == 0 and pema.fallback_count == 0
+    assert all(torch.equal(a, b) for a, b in zip(pema.emas, before))
+    # ... and the same step with the gradients passed explicitly equals the .grad path
+    explicit = {n: (saved if n == "lora_A.2" else p.grad) for n, p in zip(pema.names, pema.params)}
+    twin = mk.PEMA(layer)
+    for e, e0 in zip(twin.emas, before):
+        e.copy_(e0)
+    twin.update(fisher, grads=explicit)
+    layer.lora_A[2].grad = saved
     counts = pema.update(fisher)
     assert isinstance(counts, torch.Tensor) and counts.device == pema.emas[0].device
-    i = pema.names.index("lora_A.2")
-    assert torch.equal(pema.emas[i], before[i])
-    assert any(not torch.equal(a, b) for a, b in zip(pema.emas, before))
+    assert pema.steps == 1
+    assert all(not torch.equal(a, b) for a, b in zip(pema.emas, before))
+    for a, b in zip(twin.emas, pema.emas):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="2 gradients for 4"):
+        twin.update(fisher, grads=[saved, saved])
     # a {name: F} mapping (Fisher.values()) gives the same update as the Fisher object
-    twin = mk.PEMA(layer)
     for e, e0 in zip(twin.emas, before):
         e.copy_(e0)
     twin.update(fisher.values())

@@ -117,10 +117,15 @@ class Method:
         if set(own) != set(state):
             missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
             raise KeyError(f"adapter state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        for n, p in own.items():  # validate everything before copying anything (all or nothing)
+            v = state[n]
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(p.shape):
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"adapter {n}: shape {got} != {tuple(p.shape)}")
+            if not torch.isfinite(v).all():
+                raise ValueError(f"adapter {n} holds non-finite values")
         with torch.no_grad():
             for n, p in own.items():
-                if tuple(state[n].shape) != tuple(p.shape):
-                    raise ValueError(f"adapter {n}: shape {tuple(state[n].shape)} != {tuple(p.shape)}")
                 p.copy_(state[n].to(p.device, p.dtype))
 
     # -------------------------------------------------------------- hooks
