@@ -37,11 +37,14 @@ from . import cuda_extension  # noqa: E402  (the optional _C loader: mk.cuda_ext
 from . import weight_grad_op  # noqa: F401  (registers torch.ops.mage.weight_grad_with_fisher; no Triton import)
 from .fisher import Fisher
 from .ema import DEMA, PEMA, pema_update_
+from .authors_pema import AuthorsPEMA, authors_pema_update_
 from .memory import persistent_state_bytes
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthorsPEMA",
+    "authors_pema_update_",
     "DEMA",
     "Fisher",
     "PEMA",

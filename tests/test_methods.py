@@ -13,7 +13,7 @@ from mage_cl.trainer import TrainConfig, collate, train_task
 from cl_fakes import adapter_rank, batches, tiny_model, toy_tasks
 
 PAPER_METHODS = ["zero-shot", "lora", "moelora", "ewc", "lae", "pgp", "cia", "reglora", "ew", "ew-ga", "mage",
-                 "multitask"]
+                 "mage-dema", "mage-authors", "multitask"]
 
 
 def _setup(name, **kw):
@@ -211,6 +211,48 @@ def test_mage_state_is_theta_star_and_cia_state_is_theta_star_plus_g_prev():
     assert mage.state_bytes() == trained_mage
     assert cia.state_bytes() == 2 * trained_cia
     assert mage.state_bytes() < cia.state_bytes()
+
+
+def test_mage_variants_state_dema_keeps_two_buffers_authors_one():
+    tasks = toy_tasks()
+    _, _, dema = _setup("mage-dema")
+    _, _, authors = _setup("mage-authors")
+    for m in (dema, authors):
+        m.before_task(tasks["draw"], 0)
+        assert all(l.trainable_adapters() == [0, 3] for _, l in mk.mage_layers(m.model))  # EW+GA's freezing
+    trained = sum(p.numel() * p.element_size() for _, p in dema.named_trainable())
+    assert dema.state_bytes() == 2 * trained
+    assert authors.state_bytes() == sum(p.numel() * p.element_size() for _, p in authors.named_trainable())
+
+
+def test_mage_authors_runs_before_the_optimizer_step_and_reports_its_alphas():
+    v, model, m = _setup("mage-authors")
+    task = toy_tasks()["echo"]
+    m.before_task(task, 0)
+    cfg = TrainConfig(steps_per_task=3, batch_size=4, lr=1e-2)
+    train_task(model, m, task.train, cfg, v.pad_id, seed=0)
+    assert m.pema.steps == 3
+    d = m.diagnostics()
+    n = 3 * sum(p.numel() for p in m.pema.params)
+    assert d["authors_elements"] == n
+    assert 0.0 <= d["authors_alpha_outside_fraction"] <= 1.0
+    assert d["authors_outside"] + d["authors_nonfinite_alpha"] <= n
+
+
+def test_mage_records_how_pemas_beta_behaved():
+    v, model, m = _setup("mage")
+    task = toy_tasks()["echo"]
+    m.before_task(task, 0)
+    cfg = TrainConfig(steps_per_task=3, batch_size=4, lr=1e-2)
+    train_task(model, m, task.train, cfg, v.pad_id, seed=0)
+    d = m.diagnostics()
+    n = 3 * sum(p.numel() for p in m.pema.params)
+    assert sum(d["pema_hist_abs_F_dtheta"]) == n and sum(d["pema_hist_abs_g_plus_1"]) == n
+    # the tracker's in-range share and the kernel's exact fallback counter describe the same elements
+    assert abs(d["pema_beta_inside_fraction"] + d["pema_fallback_fraction"] - 1.0) < 1e-3
+    q = d["pema_abs_F_dtheta_quantiles"]
+    assert q["0.0"] <= q["0.5"] <= q["0.9"] <= q["0.99"] <= q["1.0"]
+    assert len(d["pema_hist_abs_F_dtheta"]) == len(d["pema_log10_edges"]) + 1
 
 
 def test_mage_training_ends_on_the_pema_average():

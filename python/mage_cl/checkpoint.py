@@ -15,11 +15,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
-__all__ = ["CheckpointError", "save", "load", "exists", "fingerprint"]
+__all__ = ["CheckpointError", "save", "load", "exists", "remove", "fingerprint"]
 
 _PT, _META = "checkpoint.pt", "checkpoint.json"
 
@@ -42,6 +42,17 @@ def _sha256(path: Path) -> str:
 
 def exists(out_dir: Path) -> bool:
     return (Path(out_dir) / _META).exists() or (Path(out_dir) / _PT).exists()
+
+
+def remove(out_dir: Path) -> List[str]:
+    """Delete the checkpoint files in ``out_dir`` (and stale temporaries); returns the names removed."""
+    out_dir = Path(out_dir)
+    gone = []
+    for path in sorted(out_dir.glob("checkpoint.*")) if out_dir.is_dir() else []:
+        if path.name in (_PT, _META) or path.name.startswith((f"{_PT}.tmp", f"{_META}.tmp")):
+            path.unlink()
+            gone.append(path.name)
+    return gone
 
 
 def save(out_dir: Path, payload: Dict[str, object], config: Dict[str, object]) -> None:
@@ -77,7 +88,9 @@ def load(out_dir: Path, config: Dict[str, object]) -> Optional[Dict[str, object]
         theirs = meta.get("config", {})
         diff = sorted(k for k in set(theirs) | set(config) if theirs.get(k) != config.get(k))
         raise CheckpointError(f"checkpoint in {out_dir} was written by a different configuration "
-                              f"(differs in: {', '.join(diff) or 'unknown'}); use another --out or drop --resume")
+                              f"(differs in: {', '.join(diff) or 'unknown'}; its options are in {meta_path}): "
+                              "rerun with those options to continue it, pass --overwrite to replace it, "
+                              "or choose another --out")
     try:
         return torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as exc:

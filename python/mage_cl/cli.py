@@ -2,18 +2,23 @@
 
 Subcommands::
 
-    mage-cl run     --method mage --order default --preset {smoke,cpu,gpu} [--seed 0] [--out DIR]
-                    [--resume] [--model PATH --data-dir DIR] [--backend auto|torch|triton|cuda]
+    mage-cl run     --method mage --order default --preset quick [--seed 0] [--out DIR]
+                    [--resume | --overwrite] [--model PATH --data-dir DIR] [--backend auto|torch|triton|cuda]
     mage-cl compare --methods lora,mage,...|all [--jobs N] [same options]
     mage-cl demo    [--steps 20]
 
 ``run`` trains one method through the six-task sequence and writes a results directory
-(:mod:`mage_cl.results`); ``compare`` runs several on the same base model and writes one
-combined table (with MAGE's vs CIA's measured state memory). Under
-``torchrun --nproc_per_node N -m mage_cl.cli run ...`` it trains with DDP.
+(:mod:`mage_cl.results`; by default ``runs/<method>-<preset>-<order>-seed<k>/``);
+``compare`` runs several on the same base model and writes one combined table (with MAGE's
+vs CIA's measured state memory). Under ``torchrun --nproc_per_node N -m mage_cl.cli run ...``
+it trains with DDP. ``mage-cl --help`` and ``mage-cl run --help`` list the methods, orders,
+presets and backends.
 
-Errors in the user's choices (unknown method / order / preset, a missing directory, a
-corrupt or mismatched checkpoint) print one line ``mage-cl: error: ...`` and exit with 2.
+Every argument is checked before any work starts. A bad choice (unknown method / order /
+preset, a number out of range, an ``--out`` that cannot be written, an existing run without
+``--resume`` / ``--overwrite``, a corrupt or mismatched checkpoint) prints one line
+``mage-cl: error: ...`` and exits with 2. Ctrl-C prints one line saying where the run stopped
+and exits with 130; the checkpoint of the last finished stage stays intact.
 """
 
 from __future__ import annotations
@@ -22,33 +27,118 @@ import argparse
 import sys
 from typing import List, Optional
 
+#: Largest accepted ``--seed`` (seeds feed numpy, torch and Python's random).
+MAX_SEED = 2**31 - 1
+
+_BACKENDS = {
+    "auto": "Triton on CUDA tensors, the plain-PyTorch reference on CPU",
+    "torch": "the plain-PyTorch reference kernels (any device)",
+    "triton": "the fused Triton kernels (CUDA, or TRITON_INTERPRET=1 on CPU)",
+    "cuda": "the CUDA C++ extension where it has the op (needs a CUDA build)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line error format (``mage-cl: error: ...``, exit 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"mage-cl: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_in(lo: int, hi: Optional[int] = None):
+    """An argparse type: an integer in ``[lo, hi]`` (``hi=None``: no upper bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {f'>= {lo}' if hi is None else f'in [{lo}, {hi}]'}, got {v}")
+        return v
+
+    return parse
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show each option's default (where it has one), keep the epilog's line breaks."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _listing() -> str:
+    """The choices with one-line descriptions, for the help epilog."""
+    from .methods import METHODS
+    from .presets import PRESETS
+    from .tasks import ORDERS, PAPER_NAMES
+
+    lines = ["methods:"]
+    lines += [f"  {name:<10} {cls.summary}" for name, cls in METHODS.items()]
+    lines += ["", "orders (the six tasks; --model/--data-dir runs keep the tasks found there, in this order):"]
+    lines += [f"  {name:<13} {', '.join(PAPER_NAMES[t] for t in tasks)}" for name, tasks in ORDERS.items()]
+    lines += ["", "presets:"]
+    lines += [f"  {name:<6} {p.description}" for name, p in PRESETS.items()]
+    lines += ["", "backends:"]
+    lines += [f"  {name:<7} {text}" for name, text in _BACKENDS.items()]
+    lines += ["", "The algorithm, the metrics and every decision taken where the paper is silent: ALGORITHM.md."]
+    return "\n".join(lines)
+
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--order", default="default", help="default | reverse | alphabetical")
-    p.add_argument("--preset", default="smoke", help="smoke | cpu | gpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="results directory (checkpoints are written there too)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--model", dest="model_path", default=None, help="local transformers checkpoint directory")
-    p.add_argument("--data-dir", default=None, help="Continual-NExT annotations: <dir>/<task>/{train.jsonl,test.json}")
-    p.add_argument("--backend", default="auto", help="kernel backend: auto | torch | triton | cuda")
-    p.add_argument("--steps-per-task", type=int, default=None, help="override the preset's steps per task")
-    p.add_argument("--max-stages", type=int, default=None, help="stop after this many stages (resume later)")
+    from .presets import DEFAULT_PRESET, PRESETS
+    from .tasks import ORDERS
+
+    p.add_argument("--order", default="default", metavar="ORDER",
+                   help="task order: " + ", ".join(ORDERS))
+    p.add_argument("--preset", default=DEFAULT_PRESET, metavar="PRESET",
+                   help="model size and training budget: " + ", ".join(PRESETS))
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, metavar="K",
+                   help="seed of the data split, the base model, the adapters and the batches")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="results directory, also holding the checkpoint after every stage "
+                        "(default: runs/<method>-<preset>-<order>-seed<k>, or runs/compare-... for compare)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    again.add_argument("--overwrite", action="store_true", help="replace the run (results, checkpoint) in --out")
+    p.add_argument("--model", dest="model_path", default=None, metavar="PATH", help="local transformers checkpoint directory")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="Continual-NExT annotations: <dir>/<task>/{train.jsonl,test.json}")
+    p.add_argument("--backend", default="auto", metavar="BACKEND",
+                   help="kernel backend: " + ", ".join(_BACKENDS))
+    p.add_argument("--steps-per-task", type=_int_in(1), default=None, metavar="N",
+                   help="override the preset's optimizer steps per task")
+    p.add_argument("--max-stages", type=_int_in(1), default=None, metavar="N",
+                   help="stop after this many stages (continue later with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mage-cl", description="MAGE continual-learning driver (Continual-NExT)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one method through the continual task sequence")
-    run.add_argument("--method", default="mage")
+    from .methods import METHODS
+
+    epilog = _listing()
+    parser = _Parser(prog="mage-cl", description="MAGE continual-learning driver (Continual-NExT): trains a "
+                     "method through the six-task sequence and reports Avg.ACC, Forgetting, New.ACC and the "
+                     "error-type metrics.", epilog=epilog, formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    run = sub.add_parser("run", help="run one method through the continual task sequence", epilog=epilog,
+                         formatter_class=_Formatter, description="Train one method through the task sequence, "
+                         "evaluating every seen task after each stage.")
+    run.add_argument("--method", default="mage", metavar="METHOD",
+                     help="continual-learning method: " + ", ".join(METHODS))
     _common(run)
-    cmp_ = sub.add_parser("compare", help="run several methods and write one combined table")
+    cmp_ = sub.add_parser("compare", help="run several methods and write one combined table", epilog=epilog,
+                          formatter_class=_Formatter, description="Run several methods on the same base model and "
+                          "write one combined table.")
     cmp_.add_argument("--methods", required=True, help="comma-separated, e.g. lora,cia,mage (or 'all')")
-    cmp_.add_argument("--jobs", type=int, default=1, help="methods to run at once in worker processes")
+    cmp_.add_argument("--jobs", type=_int_in(1), default=1,
+                      help="methods to run at once in worker processes")
     _common(cmp_)
-    demo = sub.add_parser("demo", help="train a small MageLinear model for a few steps and print its loss")
-    demo.add_argument("--steps", type=int, default=20)
+    demo = sub.add_parser("demo", help="train a small MageLinear model for a few steps and print its loss",
+                          formatter_class=_Formatter)
+    demo.add_argument("--steps", type=_int_in(1, 100_000), default=20, help="optimizer steps")
     return parser
 
 
@@ -57,10 +147,18 @@ def _options(args):
 
     return RunOptions(
         method=getattr(args, "method", "mage"), order=args.order, preset=args.preset, seed=args.seed,
-        out=args.out, resume=args.resume, model_path=args.model_path, data_dir=args.data_dir,
-        backend=args.backend, progress=not args.no_progress, max_stages=args.max_stages,
-        steps_per_task=args.steps_per_task,
+        out=args.out, resume=args.resume, overwrite=args.overwrite, model_path=args.model_path,
+        data_dir=args.data_dir, backend=args.backend, progress=not args.no_progress,
+        max_stages=args.max_stages, steps_per_task=args.steps_per_task,
     )
+
+
+def _methods(text: str) -> List[str]:
+    from .methods import METHODS
+
+    if text.strip() == "all":
+        return list(METHODS)
+    return [m.strip() for m in text.split(",") if m.strip()]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -71,34 +169,30 @@ def main(argv: Optional[List[str]] = None) -> int:
         run_demo(args.steps)
         return 0
 
-    from . import distributed
+    from . import distributed, runner
     from .checkpoint import CheckpointError
-    from .runner import UsageError, compare, run
 
     distributed.init()
     try:
         opts = _options(args)
         if args.command == "run":
-            record = run(opts)
+            record = runner.run(opts)
             if distributed.is_main():
                 from .results import markdown_table
 
                 print(markdown_table([record]), end="")
-                if not record["complete"]:
-                    print(f"stopped after {len(record['stage_avg_acc'])} stage(s); continue with --resume")
+                print(runner.summary_line(record))
         else:
-            if args.methods.strip() == "all":
-                from .methods import METHODS
-
-                methods = list(METHODS)
-            else:
-                methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            _, md = compare(methods, opts, jobs=args.jobs)
+            _, md, out = runner.compare(_methods(args.methods), opts, jobs=args.jobs)
             if distributed.is_main():
                 print(md, end="")
-    except (UsageError, CheckpointError) as exc:
+                print(f"mage-cl: comparison written to {out}/")
+    except (runner.UsageError, CheckpointError) as exc:
         print(f"mage-cl: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"mage-cl: {runner.interrupted_line()}", file=sys.stderr)
+        return 130
     finally:
         distributed.shutdown()
     return 0

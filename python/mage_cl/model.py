@@ -58,6 +58,7 @@ __all__ = [
     "pretrain_corpus",
     "pretrain",
     "load_pretrained",
+    "base_model_key",
     "load_local_model",
     "model_bytes",
 ]
@@ -85,6 +86,10 @@ class PretrainConfig:
     batch_size: int = 32
     lr: float = 3e-3
     max_sequences: int = 4000  # the corpus is subsampled to at most this many sequences
+    #: Fraction of the corpus that is the knowledge prior (:func:`_knowledge_prior`); 0 = the v3 mixture.
+    knowledge_fraction: float = 0.0
+    #: Which knowledge templates (comma-separated subset of :data:`KNOWLEDGE_KINDS`).
+    knowledge_kinds: str = "describe,show,facts,small"
 
 
 def cache_dir() -> Path:
@@ -181,6 +186,79 @@ def _format_prior(vocab, rng: random.Random, train_sets: List[List], n: int) -> 
         else:
             answer = list(rng.choice(group).target)
         out.append(list(ex.prompt) + answer)
+    return out
+
+
+#: Templates of the knowledge prior: what a pretrained multimodal LLM knows before instruction
+#: tuning, none of them one of the six tasks' mappings.
+KNOWLEDGE_KINDS = ("describe", "show", "facts", "small", "strip", "smallbox")
+
+
+def _knowledge_prior(vocab, rng: random.Random, seed: int, n: int, kinds: Sequence[str]) -> List[List[int]]:
+    """``n`` sequences of general knowledge about the digits, in forms none of the six tasks uses.
+
+    * ``describe``: a train digit + ``describe the image.`` -> ``a handwritten 7.`` (recognition,
+      answered in a caption form; the classification task answers ``seven``);
+    * ``show``: ``show a handwritten 7.`` -> a train image of a 7 (drawing from a numeral; the
+      generation task asks ``draw the digit seven.``);
+    * ``facts``: text-only arithmetic and comparisons on numerals (``is 7 even?``, ``is 7 greater
+      than 3?``, ``what is 7 plus 2?``, ``is 7 equal to 4?``) -- language knowledge, no image;
+    * ``small``: one digit shrunk to 6x6 at a random place of a 12x12 canvas + ``describe the
+      image.`` -> ``a small handwritten 7.``;
+    * ``strip``: an 8x16 strip of two train digits + ``describe the image.`` -> ``a handwritten 4
+      and a handwritten 7.``;
+    * ``smallbox``: one small digit on a 12x12 canvas + ``where is the ink?`` -> its box.
+    """
+    from .tasks.digits import _raw_digits, global_split, load_digit_levels, resize_digit
+
+    unknown = sorted(set(kinds) - set(KNOWLEDGE_KINDS))
+    if unknown:
+        raise ValueError(f"unknown knowledge kinds {unknown}; choose from {', '.join(KNOWLEDGE_KINDS)}")
+    levels_maps, labels = load_digit_levels(vocab)
+    raw, _ = _raw_digits()
+    train_idx = [int(i) for i in global_split(seed)[0]]
+    by_class: Dict[int, List[int]] = {}
+    for i in train_idx:
+        by_class.setdefault(int(labels[i]), []).append(i)
+    enc = vocab.encode_text
+    H, W = GROUNDING_CANVAS
+    out: List[List[int]] = []
+    kinds = list(kinds)
+    for _ in range(n):
+        kind = kinds[rng.randrange(len(kinds))]
+        i = train_idx[rng.randrange(len(train_idx))]
+        y = int(labels[i])
+        img: List[int] = []
+        if kind == "describe":
+            img, text, ans = vocab.encode_image(levels_maps[i]), "describe the image.", enc(f"a handwritten {y}.")
+        elif kind == "show":
+            j = by_class[y][rng.randrange(len(by_class[y]))]
+            text, ans = f"show a handwritten {y}.", vocab.encode_image(levels_maps[j])
+        elif kind == "facts":
+            k = rng.randrange(10)
+            text, a = [
+                (f"is {y} even?", "yes" if y % 2 == 0 else "no"),
+                (f"is {y} greater than {k}?", "yes" if y > k else "no"),
+                (f"what is {y} plus {k % 3 + 1}?", str(y + k % 3 + 1)),
+                (f"is {y} equal to {k}?", "yes" if y == k else "no"),
+            ][rng.randrange(4)]
+            ans = enc(a)
+        elif kind in ("small", "smallbox"):
+            s = 6
+            canvas = np.zeros((H, W), dtype=np.int64)
+            r, c = rng.randrange(H - s + 1), rng.randrange(W - s + 1)
+            canvas[r:r + s, c:c + s] = vocab.quantize(resize_digit(raw[i], s))
+            img = vocab.encode_image(canvas)
+            if kind == "small":
+                text, ans = "describe the image.", enc(f"a small handwritten {y}.")
+            else:
+                text, ans = "where is the ink?", enc(_ink_box(img[1:-1], vocab.image_offset))
+        else:  # strip
+            j = train_idx[rng.randrange(len(train_idx))]
+            strip = np.concatenate([levels_maps[i], levels_maps[j]], axis=1)
+            img, text = vocab.encode_image(strip), "describe the image."
+            ans = enc(f"a handwritten {y} and a handwritten {int(labels[j])}.")
+        out.append([vocab.bos_id] + img + enc(text) + [vocab.sep_id] + ans + [vocab.eos_id])
     return out
 
 
@@ -290,7 +368,8 @@ def _generic_instruction(vocab, rng: random.Random, images: List[List[int]], wor
     return [vocab.bos_id] + img + enc(text) + [vocab.sep_id] + ans + [vocab.eos_id]
 
 
-def pretrain_corpus(vocab, train_sets: Iterable[Sequence], max_sequences: int, seed: int) -> List[List[int]]:
+def pretrain_corpus(vocab, train_sets: Iterable[Sequence], max_sequences: int, seed: int,
+                    knowledge_fraction: float = 0.0, knowledge_kinds: Sequence[str] = ()) -> List[List[int]]:
     """The pretraining mixture (:data:`MIXTURE`), built from the training examples only.
 
     * plain modelling (:data:`PLAIN_FRACTION`): lone image-token runs (``BOS BOI image EOI
@@ -332,6 +411,9 @@ def pretrain_corpus(vocab, train_sets: Iterable[Sequence], max_sequences: int, s
     n_txt = min(len(texts), n_plain // 4)
     corpus = images[: n_plain - n_txt] + texts[:n_txt]
     corpus += _format_prior(vocab, rng, train_sets, int(round(FORMAT_FRACTION * max_sequences)))
+    if knowledge_fraction > 0:
+        corpus += _knowledge_prior(vocab, rng, seed, int(round(knowledge_fraction * max_sequences)),
+                                   knowledge_kinds)
     if runs and words:
         corpus += [_generic_instruction(vocab, rng, runs, words) for _ in range(max_sequences - len(corpus))]
     rng.shuffle(corpus)
@@ -340,7 +422,11 @@ def pretrain_corpus(vocab, train_sets: Iterable[Sequence], max_sequences: int, s
 
 def _key(vocab, mcfg: ModelConfig, pcfg: PretrainConfig, seed: int, corpus: List[List[int]]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"v": _RECIPE_VERSION, "mixture": MIXTURE, "model": asdict(mcfg), "pretrain": asdict(pcfg),
+    pre = asdict(pcfg)
+    if not pcfg.knowledge_fraction:  # the v3 mixture: the same key as before the knowledge prior existed
+        pre.pop("knowledge_fraction")
+        pre.pop("knowledge_kinds")
+    h.update(json.dumps({"v": _RECIPE_VERSION, "mixture": MIXTURE, "model": asdict(mcfg), "pretrain": pre,
                          "vocab": vocab.size, "seed": seed}, sort_keys=True).encode())
     for seq in corpus:
         h.update(b"|" + ",".join(map(str, seq)).encode())
@@ -378,6 +464,16 @@ def pretrain(model: nn.Module, corpus: List[List[int]], pad_id: int, pcfg: Pretr
     return losses
 
 
+def base_model_key(vocab, tasks: Dict[str, object], mcfg: ModelConfig, pcfg: PretrainConfig,
+                   seed: int = 0) -> Tuple[str, List[List[int]]]:
+    """``(cache key, corpus)`` of the base model for ``tasks``: cheap (no training), so a run can name
+    its base model -- and check a checkpoint against it -- before pretraining."""
+    kinds = [k for k in pcfg.knowledge_kinds.split(",") if k] if pcfg.knowledge_fraction > 0 else []
+    corpus = pretrain_corpus(vocab, [t.train for t in tasks.values()], pcfg.max_sequences, seed,
+                             pcfg.knowledge_fraction, kinds)
+    return _key(vocab, mcfg, pcfg, seed, corpus), corpus
+
+
 def load_pretrained(vocab, tasks: Dict[str, object], mcfg: ModelConfig, pcfg: PretrainConfig, seed: int = 0,
                     progress: bool = False, cache: Optional[Path] = None) -> Tuple[nn.Module, Dict[str, object]]:
     """The pretrained, frozen base model for ``tasks`` (from the disk cache when present).
@@ -388,8 +484,7 @@ def load_pretrained(vocab, tasks: Dict[str, object], mcfg: ModelConfig, pcfg: Pr
     """
     import warnings
 
-    corpus = pretrain_corpus(vocab, [t.train for t in tasks.values()], pcfg.max_sequences, seed)
-    key = _key(vocab, mcfg, pcfg, seed, corpus)
+    key, corpus = base_model_key(vocab, tasks, mcfg, pcfg, seed)
     folder = cache if cache is not None else cache_dir()
     path = folder / f"base_{key}.pt"
     model = build_model(vocab, mcfg, seed)

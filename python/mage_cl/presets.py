@@ -14,7 +14,10 @@ from typing import Dict, Optional
 from .model import ModelConfig, PretrainConfig
 from .trainer import TrainConfig
 
-__all__ = ["Preset", "PRESETS", "get_preset"]
+__all__ = ["Preset", "PRESETS", "DEFAULT_PRESET", "get_preset"]
+
+#: The preset of ``mage-cl run`` without ``--preset`` (the README's first command).
+DEFAULT_PRESET = "smoke"
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,8 @@ class Preset:
     #: CPU threads for torch ops (None: torch's default). The tiny models run fastest on one
     #: thread: their GEMMs are too small to split, and on a shared machine extra threads spin.
     cpu_threads: Optional[int] = None
+    #: One line for ``mage-cl --help``: what the preset is for.
+    description: str = ""
 
 
 PRESETS: Dict[str, Preset] = {
@@ -36,6 +41,8 @@ PRESETS: Dict[str, Preset] = {
         TrainConfig(steps_per_task=12, batch_size=8, lr=3e-3, eval_batch_size=16, max_eval=16,
                     consolidate_batches=2),
         cpu_threads=1,
+        description="plumbing check for CI: tiny model, 12 steps per task, 16 test examples "
+                    "(its accuracies mean nothing)",
     ),
     "cpu": Preset(
         "cpu",
@@ -44,6 +51,7 @@ PRESETS: Dict[str, Preset] = {
         TrainConfig(steps_per_task=250, batch_size=16, lr=1e-3, eval_batch_size=100, max_eval=100,
                     consolidate_batches=8),
         cpu_threads=1,
+        description="the committed CPU comparison (bench/results/): ~6 min per method on one core",
     ),
     "gpu": Preset(
         "gpu",
@@ -51,6 +59,7 @@ PRESETS: Dict[str, Preset] = {
         PretrainConfig(steps=3000, batch_size=64, lr=1e-3, max_sequences=20000),
         TrainConfig(steps_per_task=1000, batch_size=32, lr=1e-3, eval_batch_size=256, max_eval=None,
                     consolidate_batches=32),
+        description="a larger model on all the data, for a GPU (not run yet)",
     ),
 }
 

@@ -10,8 +10,9 @@ For one run (``write_run``)::
     stage_avg_acc.png   Avg.ACC after each stage
 
 For a comparison (``write_comparison``): ``comparison.md`` (one combined table plus the
-MAGE-vs-CIA memory line), ``comparison.json``, ``comparison.csv`` and
-``stage_avg_acc.png`` with one curve per method.
+MAGE-vs-CIA memory line), ``comparison.json``, ``comparison.csv``, and
+``stage_avg_acc.png`` / ``stage_forgetting.png`` with one curve per method (the multitask
+upper bound as a reference line). Accuracy axes are fixed to 0-100.
 
 Memory columns: ``state`` is the method's persistent continual-learning state measured
 on its tensors (``mk.persistent_state_bytes`` for PEMA / DEMA); ``peak`` is
@@ -30,7 +31,31 @@ from typing import Dict, List, Optional, Sequence
 
 from . import metrics as M
 
-__all__ = ["build_record", "write_run", "write_comparison", "markdown_table", "memory_line"]
+__all__ = ["build_record", "write_run", "write_comparison", "markdown_table", "memory_line", "fmt",
+           "has_results", "remove_results", "RUN_FILES", "COMPARISON_FILES"]
+
+#: The files :func:`write_run` writes.
+RUN_FILES = ("results.json", "accuracy.csv", "errors_iuf.csv", "errors_hal.csv", "errors_oth.csv", "table.md",
+             "accuracy_matrix.png", "stage_avg_acc.png")
+#: The files :func:`write_comparison` writes.
+COMPARISON_FILES = ("comparison.md", "comparison.json", "comparison.csv", "stage_avg_acc.png",
+                    "stage_forgetting.png")
+
+
+def has_results(out: Path) -> bool:
+    """Whether ``out`` holds a finished run's or a comparison's results."""
+    return (Path(out) / "results.json").is_file() or (Path(out) / "comparison.json").is_file()
+
+
+def remove_results(out: Path) -> List[str]:
+    """Delete the result files of a run or comparison in ``out`` (nothing else); returns the names removed."""
+    gone = []
+    for name in dict.fromkeys(RUN_FILES + COMPARISON_FILES):
+        path = Path(out) / name
+        if path.is_file():
+            path.unlink()
+            gone.append(name)
+    return gone
 
 Matrix = List[List[Optional[float]]]
 
@@ -83,7 +108,8 @@ def build_record(method: str, names: Sequence[str], paper_names: Sequence[str], 
     }
 
 
-def _fmt(v: Optional[float]) -> str:
+def fmt(v: Optional[float]) -> str:
+    """A table cell: ``-`` for missing / NaN, else two decimals (rounded half up, like the paper)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return f"{M.round_half_up(float(v)):.2f}"
@@ -101,7 +127,7 @@ def markdown_table(records: Sequence[Dict[str, object]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         final = r["acc"][-1]
-        row = [r["method"]] + [_fmt(v) for v in final] + [_fmt(r["metrics"][k]) for k in M.SUMMARY_KEYS]
+        row = [r["method"]] + [fmt(v) for v in final] + [fmt(r["metrics"][k]) for k in M.SUMMARY_KEYS]
         tps = r["tokens_per_second"]
         row += [_mb(r["method_state_bytes"]), _mb(r["peak_bytes"]),
                 "-" if (tps is None or math.isnan(tps)) else f"{tps:.0f}"]
@@ -139,50 +165,89 @@ def _json_safe(obj):
     return obj
 
 
-def _plots(out: Path, record: Dict[str, object]) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plots(out: Path, record: Dict[str, object]) -> None:
     import numpy as np
 
+    plt = _pyplot()
     names = record["paper_names"]
     m = np.array([[np.nan if v is None else v for v in row] for row in record["acc"]], dtype=float)
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
     im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(names)), [f"after {n}" for n in names])
+    ax.set_xlabel("evaluated task i")
+    ax.set_ylabel("after training task j")
     for j in range(m.shape[0]):
         for i in range(m.shape[1]):
             if not np.isnan(m[j, i]):
                 ax.text(i, j, f"{m[j, i]:.0f}", ha="center", va="center", color="w" if m[j, i] < 60 else "k", fontsize=8)
     ax.set_title(f"{record['method']}: accuracy a[j][i] (%)")
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
     fig.tight_layout()
     fig.savefig(out / "accuracy_matrix.png", dpi=110)
     plt.close(fig)
     if record["stage_avg_acc"]:
-        _stage_plot(out / "stage_avg_acc.png", [record])
+        stage_plot(out / "stage_avg_acc.png", [record])
 
 
-def _stage_plot(path: Path, records: Sequence[Dict[str, object]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    colors = plt.get_cmap("tab20").colors  # twelve methods: no two share a color
+def _method_style(i: int, method: str) -> Dict[str, object]:
+    plt = _pyplot()
+    colors = plt.get_cmap("tab20").colors  # up to twenty methods: no two share a colour
     markers = "os^vD<>pPX*h"
+    return {"marker": markers[i % len(markers)], "color": colors[(2 * i) % 20 + (i // 10) % 2],
+            "linewidth": 2.2 if method == "mage" else 1.2}
+
+
+def stage_plot(path: Path, records: Sequence[Dict[str, object]], metric: str = "Avg.ACC",
+               bands: Optional[Dict[str, Sequence[float]]] = None) -> None:
+    """Per-stage ``Avg.ACC`` (or ``Forgetting``) of each sequential method, like the paper's Fig. 9.
+
+    The y axis is fixed to 0-100 (so runs are comparable at a glance); the multitask upper
+    bound, when among ``records``, is drawn as a dashed reference line (it has no stages).
+    ``bands`` (optional) maps a method to the per-stage standard deviation over seeds, drawn
+    as a shaded band around its curve.
+    """
+    plt = _pyplot()
+    key = "stage_avg_acc" if metric == "Avg.ACC" else "stage_forgetting"
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    names = next(r for r in records)["paper_names"]
+    stages = range(1, len(names) + 1)
+    low = 0.0
     for i, r in enumerate(records):
-        if r["stage_avg_acc"]:
-            ax.plot(range(1, len(r["stage_avg_acc"]) + 1), r["stage_avg_acc"], marker=markers[i % len(markers)],
-                    color=colors[(2 * i) % 20 + (i // 10) % 2], label=r["method"],
-                    linewidth=2.2 if r["method"] == "mage" else 1.2)
-    names = records[0]["paper_names"]
-    ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right")
-    ax.set_ylabel("Avg.ACC over seen tasks (%)")
-    ax.set_title("Avg.ACC per stage")
+        curve = r.get(key) or (M.stage_forgetting(r["acc"]) if key == "stage_forgetting" and r["stage_avg_acc"]
+                              else None)
+        if r.get("joint"):
+            if metric == "Avg.ACC" and r["metrics"].get("Avg.ACC") is not None:
+                ax.axhline(r["metrics"]["Avg.ACC"], color="0.4", linestyle="--", linewidth=1.0,
+                           label=f"{r['method']} (upper bound)")
+            continue
+        if not curve:
+            continue
+        style = _method_style(i, r["method"])
+        xs = list(stages)[: len(curve)]
+        low = min(low, min(curve))
+        ax.plot(xs, curve, label=r["method"], **style)
+        if bands and r["method"] in bands:
+            lo = [c - b for c, b in zip(curve, bands[r["method"]])]
+            hi = [c + b for c, b in zip(curve, bands[r["method"]])]
+            ax.fill_between(xs, lo, hi, color=style["color"], alpha=0.15, linewidth=0)
+    ax.set_xticks(list(stages), [f"{k}: {n}" for k, n in zip(stages, names)], rotation=30, ha="right")
+    ax.set_xlim(0.7, len(names) + 0.3)
+    ax.set_ylim(0 if metric == "Avg.ACC" else min(0.0, 5 * math.floor((low - 2) / 5)), 100)
+    ax.set_xlabel("stage (task just trained)")
+    ax.set_ylabel(f"{metric} over the tasks seen (%)" if metric == "Avg.ACC"
+                  else "Forgetting of the earlier tasks (points)")
+    ax.set_title(f"{metric} after each stage")
+    ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -222,5 +287,6 @@ def write_comparison(out: Path, records: Sequence[Dict[str, object]], header: st
                        + [("" if (v is None or math.isnan(v)) else f"{v:.4f}") for v in
                           (r["metrics"][k] for k in M.SUMMARY_KEYS)]
                        + [r["method_state_bytes"], r["peak_bytes"], f"{r['tokens_per_second']:.1f}"])
-    _stage_plot(out / "stage_avg_acc.png", records)
+    stage_plot(out / "stage_avg_acc.png", records)
+    stage_plot(out / "stage_forgetting.png", records, "Forgetting")
     return md

@@ -205,6 +205,7 @@ def train_task(model: nn.Module, method: Method, examples: Sequence[Example], cf
             method.after_backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            method.before_step()
             opt.step()
             sched.step()
             if fisher is not None:
@@ -299,11 +300,15 @@ class Sequencer:
         )
 
     def run(self, start_stage: int = 0,
-            on_stage: Optional[Callable[[int, StageResult], None]] = None) -> List[StageResult]:
+            on_stage: Optional[Callable[[int, StageResult], None]] = None,
+            on_stage_start: Optional[Callable[[int, str], None]] = None) -> List[StageResult]:
+        """Run the stages from ``start_stage``; ``on_stage_start(j, task)`` is called before each."""
         m, cfg = self.method, self.cfg
+        on_stage_start = on_stage_start or (lambda j, name: None)
         stages: List[StageResult] = []
         if not m.trains:
             # zero-shot: nothing changes between stages, so evaluate every task once
+            on_stage_start(start_stage, self.order[start_stage])
             evals, eval_s = self.evaluate(self.order)
             for j, name in enumerate(self.order[start_stage:], start_stage):
                 seen = {n: evals[n] for n in self.order[: j + 1]}
@@ -314,6 +319,7 @@ class Sequencer:
             return stages
         if m.joint:
             # multitask upper bound: one stage on the union of all tasks, the same total steps
+            on_stage_start(0, "multitask")
             union = [e for n in self.order for e in self.tasks[n].train]
             joint_cfg = TrainConfig(**{**asdict(cfg), "steps_per_task": cfg.steps_per_task * len(self.order)})
             first = self.tasks[self.order[0]]
@@ -329,6 +335,7 @@ class Sequencer:
         for j, name in enumerate(self.order):
             if j < start_stage:
                 continue
+            on_stage_start(j, name)
             task = self.tasks[name]
             seed = cfg.seed * 1000 + j
             torch.manual_seed(seed)

@@ -14,17 +14,19 @@ from .base import LoRA, Method, MethodConfig, Multitask, ZeroShot
 from .cia import CIA
 from .ewc import EWC
 from .lae import LAE
-from .mage import EW, EWGA, MAGE
+from .mage import EW, EWGA, MAGE, MAGEAuthors, MAGEDEMA
 from .moelora import MoELoRA, MoELoRALinear
 from .pgp import PGP
 from .reglora import RegLoRA
 
 __all__ = ["METHODS", "make_method", "Method", "MethodConfig", "MoELoRALinear"]
 
-#: CLI name -> method class, in the paper's Table 1 order, then the ablations and the upper bound.
+#: CLI name -> method class, in the paper's Table 1 order, then the ablations, MAGE's two update variants
+#: (DEMA, the authors' dense PEMA) and the upper bound.
 METHODS: Dict[str, Type[Method]] = {
     cls.name: cls
-    for cls in (ZeroShot, LoRA, MoELoRA, EWC, LAE, PGP, CIA, RegLoRA, EW, EWGA, MAGE, Multitask)
+    for cls in (ZeroShot, LoRA, MoELoRA, EWC, LAE, PGP, CIA, RegLoRA, EW, EWGA, MAGE, MAGEDEMA, MAGEAuthors,
+                Multitask)
 }
 
 

@@ -8,6 +8,7 @@ The trainer (:mod:`mage_cl.trainer`) calls, for each task in the order::
         loss = task loss + method.loss_extra(model)      # regularizers (EWC, RegLoRA)
         loss.backward()
         method.after_backward()              # gradient surgery (PGP)
+        clip gradients; method.before_step() # the authors' PEMA (mage-authors)
         optimizer.step()
         method.after_step(fisher)            # EMA-style updates (LAE, CIA, MAGE)
     method.after_task(task, train_batches)   # consolidate (EWC Fisher, PGP basis, ...)
@@ -72,6 +73,8 @@ class Method:
 
     #: CLI name (set by subclasses).
     name = "base"
+    #: One line for ``mage-cl --help``.
+    summary = "base class"
     #: Adapters per layer; each has rank ``r_total // num_adapters``.
     num_adapters = 1
     #: Whether the trainer trains at all (False: zero-shot).
@@ -140,6 +143,9 @@ class Method:
     def after_backward(self) -> None:
         pass
 
+    def before_step(self) -> None:
+        """After gradient clipping, before ``optimizer.step()`` (the authors' PEMA runs here)."""
+
     def after_step(self, fisher) -> None:
         pass
 
@@ -176,12 +182,14 @@ class LoRA(Method):
     """Sequential LoRA fine-tuning, one adapter of rank 32 (paper: "LoRA Fine-Tune")."""
 
     name = "lora"
+    summary = "sequential fine-tuning of one rank-32 LoRA (the paper's LoRA Fine-Tune)"
 
 
 class ZeroShot(LoRA):
     """The pretrained model without any training (adapters injected with ``B = 0``: no effect)."""
 
     name = "zero-shot"
+    summary = "the pretrained base model, no training (chance-level reference row)"
     trains = False
 
 
@@ -189,4 +197,5 @@ class Multitask(LoRA):
     """Upper bound: one rank-32 LoRA trained on the union of all tasks at once, evaluated once."""
 
     name = "multitask"
+    summary = "upper bound: one rank-32 LoRA trained on all tasks at once"
     joint = True

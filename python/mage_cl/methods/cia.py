@@ -19,6 +19,7 @@ __all__ = ["CIA"]
 
 class CIA(Method):
     name = "cia"
+    summary = "CIA without instruction grouping: layer-wise dynamic EMA (DEMA) of one rank-32 LoRA"
 
     def setup(self, model) -> None:
         super().setup(model)

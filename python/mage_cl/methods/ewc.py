@@ -26,6 +26,7 @@ __all__ = ["EWC"]
 
 class EWC(Method):
     name = "ewc"
+    summary = "EWC: quadratic anchor weighted by the per-sample Fisher, one rank-32 LoRA"
 
     def __init__(self, config=None, lam: float = 1.0) -> None:
         super().__init__(config)

@@ -22,6 +22,7 @@ __all__ = ["LAE"]
 
 class LAE(Method):
     name = "lae"
+    summary = "LAE: fixed-rate (0.99) EMA of one rank-32 LoRA, adopted at each task's end"
 
     def __init__(self, config=None, decay: float = 0.99) -> None:
         super().__init__(config)

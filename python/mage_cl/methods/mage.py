@@ -1,26 +1,43 @@
-"""MAGE and its ablations on the four equally weighted adapters (SPEC sections 1-3; paper Table 4).
+"""MAGE, its ablations and its two update variants on the four equally weighted adapters.
+
+(ALGORITHM.md §1-4 and §6; paper Table 4 and Fig. 8.)
 
 * ``ew``     -- four rank-8 adapters summed with equal weights, all four trained on every task.
 * ``ew-ga``  -- the same plus MAGE's modality freezing (``mk.for_task``): only the adapters
-  matching the task's input and output modalities train (SPEC section 1's table).
-* ``mage``   -- EW+GA plus the parameter-wise EMA (PEMA, SPEC section 3): the per-sample Fisher
-  of every step (``mk.Fisher``, SPEC section 2) drives ``mk.PEMA.update`` after each optimizer
-  step, and at the end of the task the adapters take their EMA values (``finish_task``).
+  matching the task's input and output modalities train (ALGORITHM.md §1's table).
+* ``mage``   -- EW+GA plus the parameter-wise EMA (PEMA, ALGORITHM.md §3): the per-sample Fisher
+  of every step (``mk.Fisher``, §2) drives ``mk.PEMA.update`` after each optimizer step, and at
+  the end of the task the adapters take their EMA values (``finish_task``).
+* ``mage-dema`` -- EW+GA with CIA's layer-wise DEMA (§4) in place of PEMA (the paper's Fig. 8
+  comparison of the two updates).
+* ``mage-authors`` -- EW+GA with PEMA as the authors' code writes it (§6: a dense ``d x d``
+  inverse per tensor per step from batch-gradient squares, before the optimizer step, no clamp),
+  a reference for how the elementwise form compares.
+
+``mage`` also records, per task, how PEMA's ``beta`` behaved: the share of elements where the
+formula's value (not the fallback) was used, and the distribution of ``F * (theta - theta*)``
+against ``g + 1`` (``beta`` lies in ``(0, 1)`` exactly when ``|F (theta - theta*) + lambda| >
+|g + 1|`` with the same sign), as quantiles and log10 histograms in the run's ``diagnostics``.
 """
 
 from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
 
 import mage_kernels as mk
 
 from .base import Method
 
-__all__ = ["EW", "EWGA", "MAGE"]
+__all__ = ["EW", "EWGA", "MAGE", "MAGEDEMA", "MAGEAuthors", "BetaTracker"]
 
 
 class EW(Method):
     """Equal-weight sum of four adapters (MoELoRA's router replaced by equal weights)."""
 
     name = "ew"
+    summary = "ablation: four rank-8 adapters summed with equal weights, all trained"
     num_adapters = 4
 
 
@@ -28,22 +45,85 @@ class EWGA(EW):
     """EW + the General/expert Adapter freezing by task modality."""
 
     name = "ew-ga"
+    summary = "ablation: EW + modality freezing (only the task's adapters train)"
 
     def before_task(self, task, task_index: int) -> None:
         mk.for_task(self.model, sorted(task.inputs), task.output)
+
+
+#: Edges of the log10 histograms of |F (theta - theta*)| and |g + 1| (one bin below and above).
+LOG10_EDGES = tuple(range(-14, 5))
+_QUANTILES = (0.0, 0.5, 0.9, 0.99, 1.0)
+
+
+class BetaTracker:
+    """Accumulates, over a task, what PEMA's ``beta = (g + 1) / (F (theta - theta*) + lambda)`` saw.
+
+    ``observe`` is called before each PEMA update with the tensors the update uses. Quantiles
+    come from a bounded sample of the elements (at most ``sample`` per step, evenly strided),
+    the histograms and the in-range share from all of them.
+    """
+
+    def __init__(self, lam: float, sample: int = 4096) -> None:
+        self.lam = lam
+        self.sample = sample
+        self.reset()
+
+    def reset(self) -> None:
+        self.elements = 0
+        self.inside = 0
+        self.hist_fd = [0] * (len(LOG10_EDGES) + 1)
+        self.hist_g1 = [0] * (len(LOG10_EDGES) + 1)
+        self._fd: List[torch.Tensor] = []
+        self._g1: List[torch.Tensor] = []
+
+    @staticmethod
+    def _hist(values: torch.Tensor) -> List[int]:
+        edges = torch.tensor([float(e) for e in LOG10_EDGES], dtype=torch.float64)
+        logs = torch.log10(values.abs().double().clamp_min(1e-300))
+        return torch.bincount(torch.bucketize(logs, edges), minlength=len(LOG10_EDGES) + 1).tolist()
+
+    @torch.no_grad()
+    def observe(self, params, emas, grads, fishers) -> None:
+        fd = torch.cat([(f.double() * (p.double() - e.double())).reshape(-1) for p, e, f in zip(params, emas, fishers)])
+        g1 = torch.cat([(g.double() + 1).reshape(-1) for g in grads])
+        beta = g1 / (fd + self.lam)
+        self.elements += fd.numel()
+        self.inside += int(((beta > 0) & (beta < 1)).sum())
+        self.hist_fd = [a + b for a, b in zip(self.hist_fd, self._hist(fd))]
+        self.hist_g1 = [a + b for a, b in zip(self.hist_g1, self._hist(g1))]
+        step = max(1, fd.numel() // self.sample)
+        self._fd.append(fd[::step].abs().float())
+        self._g1.append(g1[::step].abs().float())
+
+    def summary(self) -> Dict[str, object]:
+        if not self.elements:
+            return {}
+        q = torch.tensor(_QUANTILES)
+        fd, g1 = torch.cat(self._fd), torch.cat(self._g1)
+        return {
+            "pema_beta_inside_fraction": self.inside / self.elements,
+            "pema_abs_F_dtheta_quantiles": dict(zip(map(str, _QUANTILES), torch.quantile(fd, q).tolist())),
+            "pema_abs_g_plus_1_quantiles": dict(zip(map(str, _QUANTILES), torch.quantile(g1, q).tolist())),
+            "pema_log10_edges": list(LOG10_EDGES),
+            "pema_hist_abs_F_dtheta": self.hist_fd,
+            "pema_hist_abs_g_plus_1": self.hist_g1,
+        }
 
 
 class MAGE(EWGA):
     """EW + GA + PEMA (the paper's method)."""
 
     name = "mage"
+    summary = "MAGE: EW + modality freezing + parameter-wise EMA (PEMA) driven by the Fisher"
     needs_fisher = True
 
-    def __init__(self, config=None, lam: float = 1e-5, beta_fallback: float = 0.99) -> None:
+    def __init__(self, config=None, lam: float = 1e-5, beta_fallback: float = 0.99, track_beta: bool = True) -> None:
         super().__init__(config)
         self.lam = lam
         self.beta_fallback = beta_fallback
         self.pema = None
+        self.beta = BetaTracker(lam) if track_beta else None
 
     def setup(self, model) -> None:
         super().setup(model)
@@ -52,10 +132,15 @@ class MAGE(EWGA):
     def before_task(self, task, task_index: int) -> None:
         super().before_task(task, task_index)
         self.pema.start_task()
+        if self.beta is not None:
+            self.beta.reset()
 
     def after_step(self, fisher) -> None:
         if fisher is None:
             raise RuntimeError("MAGE needs the step's Fisher; the trainer must pass mk.Fisher")
+        if self.beta is not None:
+            p = self.pema.params
+            self.beta.observe(p, self.pema.emas, [t.grad for t in p], fisher.for_parameters(p))
         self.pema.update(fisher)
 
     def after_task(self, task, train_batches) -> None:
@@ -65,6 +150,70 @@ class MAGE(EWGA):
         return int(mk.persistent_state_bytes(self.pema))
 
     def diagnostics(self):
-        """Share of PEMA's elementwise updates this task that used ``beta_fallback`` (SPEC section 3)."""
+        """PEMA's fallback share this task (exact, from the kernel's counter) and the beta statistics."""
         total = self.pema.steps * sum(p.numel() for p in self.pema.params)
-        return {"pema_fallback_fraction": self.pema.fallback_count / total if total else float("nan")}
+        out = {"pema_fallback_fraction": self.pema.fallback_count / total if total else float("nan")}
+        if self.beta is not None:
+            out.update(self.beta.summary())
+        return out
+
+
+class MAGEDEMA(EWGA):
+    """EW + GA + CIA's DEMA instead of PEMA (paper Fig. 8)."""
+
+    name = "mage-dema"
+    summary = "MAGE with CIA's layer-wise DEMA in place of PEMA (the paper's Fig. 8 comparison)"
+
+    def setup(self, model) -> None:
+        super().setup(model)
+        self.dema = mk.DEMA(model)
+
+    def before_task(self, task, task_index: int) -> None:
+        super().before_task(task, task_index)
+        self.dema.start_task()
+
+    def after_step(self, fisher) -> None:
+        self.dema.update()
+
+    def after_task(self, task, train_batches) -> None:
+        self.dema.finish_task()
+
+    def state_bytes(self) -> int:
+        return int(mk.persistent_state_bytes(self.dema))
+
+    def diagnostics(self):
+        total = self.dema.steps * len(self.dema.params)
+        return {"dema_fallback_fraction": self.dema.fallback_count / total if total else float("nan")}
+
+
+class MAGEAuthors(EWGA):
+    """EW + GA + PEMA as the authors' code writes it (ALGORITHM.md §6), before each optimizer step."""
+
+    name = "mage-authors"
+    summary = "MAGE with the authors' dense PEMA (a d x d inverse per tensor per step, no clamp)"
+
+    def __init__(self, config=None, lam: float = 1e-5, fallback: float = 0.99) -> None:
+        super().__init__(config)
+        self.lam, self.fallback = lam, fallback
+
+    def setup(self, model) -> None:
+        super().setup(model)
+        self.pema = mk.AuthorsPEMA(model, lam=self.lam, fallback=self.fallback)
+
+    def before_task(self, task, task_index: int) -> None:
+        super().before_task(task, task_index)
+        self.pema.start_task()
+
+    def before_step(self) -> None:
+        self.pema.update()
+
+    def after_task(self, task, train_batches) -> None:
+        self.pema.finish_task()
+
+    def state_bytes(self) -> int:
+        return int(mk.persistent_state_bytes(self.pema))
+
+    def diagnostics(self):
+        s = self.pema.stats
+        return {"authors_alpha_outside_fraction": s.outside / s.elements if s.elements else float("nan"),
+                **{f"authors_{k}": v for k, v in s.as_dict().items()}}

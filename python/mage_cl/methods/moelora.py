@@ -61,6 +61,7 @@ class MoELoRALinear(mk.MageLinear):
 
 class MoELoRA(Method):
     name = "moelora"
+    summary = "MoELoRA: four rank-8 experts mixed by a per-token softmax router"
     num_adapters = 4
 
     def setup(self, model: nn.Module) -> None:

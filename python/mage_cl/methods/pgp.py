@@ -30,6 +30,7 @@ __all__ = ["PGP"]
 
 class PGP(Method):
     name = "pgp"
+    summary = "PGP: gradient projection orthogonal to earlier tasks' input subspace, one rank-32 LoRA"
 
     def __init__(self, config=None, threshold: float = 0.95) -> None:
         super().__init__(config)

@@ -30,6 +30,7 @@ __all__ = ["RegLoRA"]
 
 class RegLoRA(Method):
     name = "reglora"
+    summary = "RegLoRA: regularizes the largest elements of earlier tasks' LoRA updates"
 
     def __init__(self, config=None, lam: float = 1e3, top_fraction: float = 0.02) -> None:
         super().__init__(config)
