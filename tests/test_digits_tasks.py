@@ -126,9 +126,16 @@ def test_answers_are_right(tasks):
         assert V.decode_text(ex.target[:-1]) == f"{labels[a]}{labels[b]}"
     gen_classes = [ex.meta["label"] for ex in tasks["generation"].test]
     assert np.bincount(gen_classes, minlength=10).min() >= 1  # 16 prompts cover all ten digits
-    for ex in tasks["generation"].train:
-        assert V.decode_text(ex.prompt[1:-1]) == f"draw the digit {DIGIT_WORDS[ex.meta['label']]}."
+    from mage_cl.tasks.digits import GENERATION_TEMPLATES
+
+    used = set()
+    for ex in tasks["generation"].train + tasks["generation"].test:
+        text = V.decode_text(ex.prompt[1:-1])
+        forms = [t for t in GENERATION_TEMPLATES if t.format(DIGIT_WORDS[ex.meta["label"]]) == text]
+        assert len(forms) == 1, text  # exactly one wording, naming the example's digit
+        used.add(forms[0])
         assert labels[ex.meta["image_ids"][0]] == ex.meta["label"]
+    assert used == set(GENERATION_TEMPLATES)
     for ex in tasks["editing"].test:
         src, instr = _image_in_prompt(ex, DIGIT_SHAPE)
         np.testing.assert_array_equal(V.decode_image(ex.target[:-1], DIGIT_SHAPE), EDIT_OPS[instr](src, V.levels))

@@ -11,7 +11,7 @@ name             paper        in -> out       what the model does
 vqa              VQAv2        image+text->text a short question about the digit -> ``yes``/``no``
                                                or a number (``is the digit even?`` -> ``no``)
 classification   ImageNet     image+text->text ``what digit is this?`` -> the class word (``seven``)
-generation       Flickr30k    text->image      ``draw the digit seven.`` -> an 8x8 image; correct
+generation       Flickr30k    text->image      ``draw the digit seven.`` (five wordings) -> an 8x8 image; correct
                                                when the judge classifier reads the requested digit
 ocr              OCRVQA       image+text->text an 8x16 strip of two digits -> the number (``47``)
 grounding        RefCOCO      image+text->text two 6x6 digits on a 12x12 canvas, ``where is the
@@ -110,6 +110,19 @@ EDIT_MAX_MEAN_ABS_DIFF = 0.25
 #: Generation judge: a generated image needs at least this many non-zero pixels to count as
 #: a drawing (the sparsest of the 1797 real digits has 16 at 5 levels; blank is not a digit).
 GENERATION_MIN_INK = 8
+
+
+#: Prompts of the generation task (text -> image), one drawn per example. With greedy decoding a
+#: prompt always gives the same image, so the number of distinct test prompts bounds how finely
+#: the task's accuracy is measured: ten digits x five wordings = 50 (one template alone gave 10,
+#: i.e. accuracy in steps of 10 points, before 2026-12-02).
+GENERATION_TEMPLATES = (
+    "draw the digit {}.",
+    "draw a {}.",
+    "sketch the number {}.",
+    "make an image of a {}.",
+    "write {} as a picture.",
+)
 
 
 def order_names(order: str) -> List[str]:
@@ -352,7 +365,8 @@ class _Builder:
         out = []
         for c in classes:
             i = int(rng.choice(by_class[int(c)]))
-            out.append(self.example([], f"draw the digit {DIGIT_WORDS[int(c)]}.",
+            template = GENERATION_TEMPLATES[int(rng.integers(len(GENERATION_TEMPLATES)))]
+            out.append(self.example([], template.format(DIGIT_WORDS[int(c)]),
                                     self.vocab.encode_image(self.images[i]), label=int(c),
                                     shape=DIGIT_SHAPE, image_ids=[i]))
         return out
