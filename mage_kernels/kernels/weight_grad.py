@@ -31,8 +31,8 @@ partial tiles to a ``[splits, P, Q]`` workspace that is summed afterwards
 The custom op ``torch.ops.mage.weight_grad_with_fisher`` that dispatches to the
 torch reference, this Triton kernel or the CUDA extension lives in the
 Triton-free module :mod:`mage_kernels.weight_grad_op` (registered by a plain
-``import mage_kernels``); ``OP_SCHEMA`` and ``weight_grad_with_fisher_op`` are
-re-exported here for backward compatibility.
+``import mage_kernels``). This module imports nothing from the op modules, so
+the op module can import it lazily without an import circle.
 Semantics are exactly :func:`mage_kernels.reference.weight_grad_with_fisher`.
 """
 
@@ -45,10 +45,9 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreter
-from ..weight_grad_op import OP_SCHEMA, weight_grad_with_fisher_op  # noqa: F401  (re-exported)
 from .lora import _check_operands, dot_allows_tf32, num_sms
 
-__all__ = ["weight_grad_with_fisher", "weight_grad_with_fisher_op", "OP_SCHEMA"]
+__all__ = ["weight_grad_with_fisher"]
 
 @triton.jit
 def _weight_grad_kernel(
