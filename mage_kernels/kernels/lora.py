@@ -46,7 +46,7 @@ from .launch import launch
 
 __all__ = [
     "shrink", "expand_accumulate_", "matmul_concat_k", "SUPPORTED_DTYPES", "dot_allows_tf32",
-    "shared_memory_limit", "concat_k_smem_bytes",
+    "shared_memory_limit", "concat_k_smem_bytes", "prune_concat_k_configs", "SMEM_LIMIT_BY_CAPABILITY",
 ]
 
 #: dtypes the Triton GEMMs accept (``tl.dot`` operands).
@@ -298,7 +298,9 @@ def expand_accumulate_(out: torch.Tensor, g: torch.Tensor, a: torch.Tensor, scal
     if triton_interpreter():
         block_m, block_k, warps = 16, 32, 4
     else:
-        block_m, block_k, warps = 64, 128, 4
+        # Philox keeps ~10 registers per element live: 16 output elements per thread compile
+        # without spills (a 64x128 tile on 4 warps, 64 per thread, spilled 9.6 KB on sm_80).
+        block_m, block_k, warps = (32, 128, 8) if dropout else (64, 128, 4)
     launch(
         _expand_accumulate_kernel, (triton.cdiv(m, block_m), triton.cdiv(k, block_k)),
         out, g, a, m, k, r,
@@ -324,16 +326,47 @@ def concat_k_smem_bytes(config: triton.Config, element_bytes: int) -> int:
     return config.num_stages * (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * element_bytes
 
 
+#: On sm_8x (``mma.sync``: operand fragments live in registers next to the accumulator) a config
+#: whose fp32 accumulator needs more than this many registers per thread spills (AOT report:
+#: 128x256 on 8 warps and 128x128 on 4 warps, 128 per thread, spilled 8-32 bytes on sm_80).
+#: On sm_90 ``wgmma`` reads its operands from shared memory and 128 per thread compiles clean.
+MAX_ACC_PER_THREAD = {8: 64, 9: 128}
+
+
+def _acc_per_thread(config: triton.Config) -> int:
+    kw = config.kwargs
+    return kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * config.num_warps)
+
+
+def prune_concat_k_configs(configs: List[triton.Config], element_bytes: int, limit: Optional[int],
+                           capability: Optional[int] = None) -> List[triton.Config]:
+    """The configs that can launch and compile without spills on this device: shared memory within
+    ``limit`` bytes and, for ``capability`` (e.g. 80, 90), at most :data:`MAX_ACC_PER_THREAD`
+    accumulator registers per thread; at least the smallest config. ``None`` skips a check.
+    The runtime autotuner and ``bench/aot_report.py`` both prune with this function."""
+    kept = list(configs)
+    if limit is not None:
+        kept = [c for c in kept if concat_k_smem_bytes(c, element_bytes) <= limit]
+    if capability is not None:
+        cap = MAX_ACC_PER_THREAD.get(capability // 10, MAX_ACC_PER_THREAD[9])
+        kept = [c for c in kept if _acc_per_thread(c) <= cap]
+    return kept or [min(configs, key=lambda c: concat_k_smem_bytes(c, element_bytes))]
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
 def _prune_concat_k_configs(configs, named_args, **kwargs):
-    """``early_config_prune``: drop configs whose shared memory exceeds the device's per-block
-    limit (they could not launch), so they are never compiled. Keeps at least the smallest."""
+    """``early_config_prune``: drop configs that could not launch (shared memory above the device's
+    per-block limit) or would spill, so they are never compiled."""
     a1 = named_args["a1_ptr"]
-    limit = shared_memory_limit(a1.device) if isinstance(a1, torch.Tensor) else None
-    if limit is None:
+    if not isinstance(a1, torch.Tensor) or a1.device.type != "cuda":
         return configs
-    size = a1.element_size()
-    kept = [c for c in configs if concat_k_smem_bytes(c, size) <= limit]
-    return kept or [min(configs, key=lambda c: concat_k_smem_bytes(c, size))]
+    index = a1.device.index if a1.device.index is not None else torch.cuda.current_device()
+    return prune_concat_k_configs(configs, a1.element_size(), shared_memory_limit(a1.device), _capability(index))
 
 
 def _concat_k_configs() -> List[triton.Config]:
