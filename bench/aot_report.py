@@ -289,7 +289,9 @@ def build_jobs(subset: str) -> List[Dict[str, Any]]:
                         configs = launch.kernel.configs
                         element = next(a for a in launch.args if isinstance(a, torch.Tensor)).element_size()
                         limit = klora.SMEM_LIMIT_BY_CAPABILITY[cap]
-                        kept = klora.prune_concat_k_configs(configs, element, limit, cap)
+                        named = dict(zip(fn.arg_names, launch.args))
+                        aligned = klora._aligned_args(named, element)
+                        kept = klora.prune_concat_k_configs(configs, element, limit, cap, aligned)
                         if subset == "ci":
                             kept = kept[:1]
                             configs = configs[:configs.index(kept[0]) + 1]
@@ -306,17 +308,21 @@ def build_jobs(subset: str) -> List[Dict[str, Any]]:
                             "kernel": fn.__name__, "config": _config_name({**launch.kwargs, **kw}, launch.kwargs),
                             "variants": [], "pruned": not keep,
                             "pruned_smem": None if keep else klora.concat_k_smem_bytes(config, element),
-                            "pruned_why": None if keep else _why_pruned(config, element, cap),
+                            "pruned_why": None if keep else _why_pruned(config, element, cap, aligned),
                         })
                         job["variants"].append(f"{sname}: {variant}")
     return list(jobs.values())
 
 
-def _why_pruned(config, element: int, cap: int) -> str:
+def _why_pruned(config, element: int, cap: int, aligned: bool) -> str:
     smem = klora.concat_k_smem_bytes(config, element)
     if smem > klora.SMEM_LIMIT_BY_CAPABILITY[cap]:
         return f"shared memory {smem} > {klora.SMEM_LIMIT_BY_CAPABILITY[cap]}"
-    return f"{klora._acc_per_thread(config)} accumulator registers per thread > {klora.MAX_ACC_PER_THREAD[cap // 10]}"
+    if klora._acc_per_thread(config) > klora.MAX_ACC_PER_THREAD[cap // 10]:
+        return (f"{klora._acc_per_thread(config)} accumulator registers per thread > "
+                f"{klora.MAX_ACC_PER_THREAD[cap // 10]}")
+    return (f"unaligned operands: {klora._loads_per_thread(config)} loaded elements per thread > "
+            f"{klora.MAX_UNALIGNED_LOADS_PER_THREAD}")
 
 
 #: The CI subset (tests/test_aot_compile.py): bf16 at the LLaMA-13B shape; variant prefix -> the

@@ -52,6 +52,8 @@ task start, so the first step has ``c = |g|_1``.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 import warnings
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -287,6 +289,11 @@ class _TaskEMA:
         self.steps = int(state.get("steps", 0))
 
 
+_FISHER_A = operator.attrgetter("fisher_a")
+_FISHER_B = operator.attrgetter("fisher_b")
+_GRAD = operator.attrgetter("grad")
+
+
 class _PemaPlan:
     """What :meth:`PEMA.update` keeps between calls on the Triton path (module docstring).
 
@@ -308,7 +315,9 @@ class _PemaPlan:
         _validate(pema.params, pema.emas, grads, sums)
         self.fisher = fisher
         self.emas = pema.emas
-        self.buffers = [(layer, layer.fisher_a, layer.fisher_b) for _, layer in fisher.layers]
+        self.layers = [layer for _, layer in fisher.layers]
+        self.buffers_a = [layer.fisher_a for layer in self.layers]
+        self.buffers_b = [layer.fisher_b for layer in self.layers]
         self.param_ptrs = tuple(p.data_ptr() for p in pema.params)
         self.numel = sum(p.numel() for p in pema.params)
         self.launch = PemaLaunch([p.detach() for p in pema.params], pema.emas, grads, sums)
@@ -321,7 +330,8 @@ class _PemaPlan:
         """The O(1)-per-tensor check of every call: same Fisher, buffers and EMA list, parameters in place."""
         if fisher is not self.fisher or pema.emas is not self.emas:
             return False
-        if not all(layer.fisher_a is fa and layer.fisher_b is fb for layer, fa, fb in self.buffers):
+        if not (all(map(operator.is_, map(_FISHER_A, self.layers), self.buffers_a))
+                and all(map(operator.is_, map(_FISHER_B, self.layers), self.buffers_b))):
             return False
         return tuple(map(torch.Tensor.data_ptr, pema.params)) == self.param_ptrs
 
@@ -405,15 +415,21 @@ class PEMA(_TaskEMA):
         with ctx:
             if resolve_backend(self.emas[0].device, "pema_update_") != "triton":
                 return None
-        grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
+        grads = list(map(_GRAD, self.params))
+        if not all(map(operator.is_not, grads, itertools.repeat(None))):
             self._gradients(None)  # raises the RuntimeError naming the tensor
         plan = self._plan
         if plan is None or not plan.matches(self, fisher) or not all(map(torch.Tensor.is_contiguous, grads)):
             if not all(map(torch.Tensor.is_contiguous, grads)):
                 return None  # the general path makes contiguous copies
             self._plan = plan = _PemaPlan(self, fisher, grads)
-        counts = plan.step(grads, self.lam, self.beta_fallback, self.cuda_graph)
+        from .kernels.pema import TablesStale
+
+        try:
+            counts = plan.step(grads, self.lam, self.beta_fallback, self.cuda_graph)
+        except TablesStale:  # a gradient the vector path cannot take: regroup (before anything ran)
+            self._plan = plan = _PemaPlan(self, fisher, grads)
+            counts = plan.step(grads, self.lam, self.beta_fallback, self.cuda_graph)
         self._record(counts, plan.numel)
         return counts
 

@@ -216,6 +216,8 @@ def shrink(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, dropout_p: floa
         # Enough row tiles to fill the GPU twice over; 128-row tiles only when there are plenty.
         block_m = 128 if triton.cdiv(m, 128) * triton.cdiv(r, block_r) >= 2 * num_sms(x.device) else 64
         block_k = 64 if block_r <= 64 else 32
+        if dropout:  # Philox per element of the x tile: keep it at 16 elements per thread (no spills)
+            block_m, block_k = 64, 32
         warps, stages = 4, 3
     grid = (triton.cdiv(m, block_m), triton.cdiv(r, block_r))
     launch(
@@ -338,18 +340,43 @@ def _acc_per_thread(config: triton.Config) -> int:
     return kw["BLOCK_M"] * kw["BLOCK_N"] // (32 * config.num_warps)
 
 
+def _loads_per_thread(config: triton.Config) -> int:
+    kw = config.kwargs
+    return kw["BLOCK_K"] * (kw["BLOCK_M"] + kw["BLOCK_N"]) // (32 * config.num_warps)
+
+
+#: Operands whose rows are not 16-byte aligned are loaded element by element, each element with
+#: its own 64-bit address: tiles loading more than this many elements per thread spill then
+#: (AOT report, ragged shapes: every config but the smallest spilled 12 B - 11 KB).
+MAX_UNALIGNED_LOADS_PER_THREAD = 32
+
+
+def operands_aligned(tensors, element_bytes: int) -> bool:
+    """Every tensor's address and non-unit strides are multiples of 16 bytes (vector loads possible)."""
+    for t in tensors:
+        if t.data_ptr() % 16:
+            return False
+        if any(st != 1 and (st * element_bytes) % 16 for st in t.stride()):
+            return False
+    return True
+
+
 def prune_concat_k_configs(configs: List[triton.Config], element_bytes: int, limit: Optional[int],
-                           capability: Optional[int] = None) -> List[triton.Config]:
+                           capability: Optional[int] = None, aligned: bool = True) -> List[triton.Config]:
     """The configs that can launch and compile without spills on this device: shared memory within
-    ``limit`` bytes and, for ``capability`` (e.g. 80, 90), at most :data:`MAX_ACC_PER_THREAD`
-    accumulator registers per thread; at least the smallest config. ``None`` skips a check.
-    The runtime autotuner and ``bench/aot_report.py`` both prune with this function."""
+    ``limit`` bytes; for ``capability`` (e.g. 80, 90) at most :data:`MAX_ACC_PER_THREAD`
+    accumulator registers per thread; for unaligned operands at most
+    :data:`MAX_UNALIGNED_LOADS_PER_THREAD` loaded elements per thread. At least the smallest
+    config. ``None`` skips a check. The runtime autotuner and ``bench/aot_report.py`` both prune
+    with this function."""
     kept = list(configs)
     if limit is not None:
         kept = [c for c in kept if concat_k_smem_bytes(c, element_bytes) <= limit]
     if capability is not None:
         cap = MAX_ACC_PER_THREAD.get(capability // 10, MAX_ACC_PER_THREAD[9])
         kept = [c for c in kept if _acc_per_thread(c) <= cap]
+    if not aligned:
+        kept = [c for c in kept if _loads_per_thread(c) <= MAX_UNALIGNED_LOADS_PER_THREAD]
     return kept or [min(configs, key=lambda c: concat_k_smem_bytes(c, element_bytes))]
 
 
@@ -366,7 +393,17 @@ def _prune_concat_k_configs(configs, named_args, **kwargs):
     if not isinstance(a1, torch.Tensor) or a1.device.type != "cuda":
         return configs
     index = a1.device.index if a1.device.index is not None else torch.cuda.current_device()
-    return prune_concat_k_configs(configs, a1.element_size(), shared_memory_limit(a1.device), _capability(index))
+    return prune_concat_k_configs(configs, a1.element_size(), shared_memory_limit(a1.device), _capability(index),
+                                  _aligned_args(named_args, a1.element_size()))
+
+
+def _aligned_args(named_args, element_bytes: int) -> bool:
+    """Alignment of the concat-K operands from the kernel's named arguments (pointers and strides)."""
+    if any(isinstance(named_args[k], torch.Tensor) and named_args[k].data_ptr() % 16
+           for k in ("a1_ptr", "b1_ptr", "a2_ptr", "b2_ptr")):
+        return False
+    strides = [v for k, v in named_args.items() if k.startswith("stride_") and k != "stride_bias"]
+    return all(st == 1 or (st * element_bytes) % 16 == 0 for st in strides if isinstance(st, int))
 
 
 def _concat_k_configs() -> List[triton.Config]:
@@ -382,6 +419,7 @@ def _concat_k_configs() -> List[triton.Config]:
         (64, 128, 64, 4, 4),
         (128, 64, 64, 4, 4),
         (64, 64, 64, 4, 3),
+        (64, 64, 32, 4, 2),
     ):
         configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                      num_warps=warps, num_stages=stages))

@@ -53,7 +53,12 @@ import triton.language as tl
 
 from .launch import launch
 
-__all__ = ["pema_update_", "PemaLaunch", "BLOCK", "CHUNK"]
+__all__ = ["pema_update_", "PemaLaunch", "TablesStale", "BLOCK", "CHUNK"]
+
+
+class TablesStale(Exception):
+    """A gradient moved to an address the tables' compile-time grouping cannot take (misaligned):
+    build a new :class:`PemaLaunch`."""
 
 BLOCK = 1024
 BLOCKS_PER_PROGRAM = 4
@@ -171,6 +176,7 @@ class _Group:
     def __init__(self, key: tuple, members: List[int], rows: List[List[int]], device: torch.device) -> None:
         self.key = key
         self.members = members
+        self.index = torch.tensor(members, dtype=torch.int64)
         self.host = torch.tensor(rows, dtype=torch.int64)
         self.table = _to_device(self.host, device)
         self.chunks = _to_device(_chunk_table([r[4] for r in rows]), device)
@@ -219,10 +225,11 @@ class PemaLaunch:
         tables were built with (the caller checks); only their addresses move."""
         if grad_ptrs == self._grad_ptrs:
             return False
+        ptrs = torch.tensor(grad_ptrs, dtype=torch.int64)
         for group in self.groups:
-            column = torch.tensor([grad_ptrs[i] for i in group.members], dtype=torch.int64)
-            if any(v % ALIGN_BYTES for v in column.tolist()) and group.key[4]:
-                raise ValueError("a gradient moved to an address that is not 16-byte aligned; rebuild the tables")
+            column = ptrs[group.index]
+            if group.key[4] and bool((column % ALIGN_BYTES).any()):
+                raise TablesStale("a gradient moved to an address that is not 16-byte aligned")
             group.host[:, 2] = column
             # A fresh pinned copy per change: the caching host allocator keeps it alive until the
             # asynchronous copy has run, so the host table can be rewritten at once.
