@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 # Compiled kernels, not the interpreter; a fresh cache so that ptxas runs (and logs) every compile.
 os.environ["TRITON_INTERPRET"] = "0"
-os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="mage_aot_cache_"))
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="mage_aot_cache_")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton >= 3.9 warns when unset; 1 is its default
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -129,7 +129,7 @@ def pema_launches(dtype: torch.dtype) -> List[Tuple[str, Callable[[], Any]]]:
     r, d, big = 8, 5120, 32
 
     def run(pd, ed, gd, misaligned=False):
-        params = [_t(r, d, dtype=pd), _t(d + 1, r, dtype=pd)[1:] if misaligned else _t(d, r, dtype=pd)]
+        params = [_t(r, d, dtype=pd), _t(d * r + 1, dtype=pd)[1:].view(d, r) if misaligned else _t(d, r, dtype=pd)]
         emas = [_t(r, d, dtype=ed), _t(d, r, dtype=ed)]
         grads = [_t(r, d, dtype=gd), _t(d, r, dtype=gd)]
         fishers = [_t(big, d, dtype=torch.float32)[:r], _t(d, big, dtype=torch.float32)[:, :r]]
@@ -302,16 +302,28 @@ def build_jobs(subset: str) -> List[Dict[str, Any]]:
                         kw = {} if config is None else {**config.kwargs, "num_warps": config.num_warps,
                                                         "num_stages": config.num_stages}
                         sig = _signature(fn, launch, kw)
-                        key = (fn.__name__, repr(sig), cap, dname)
+                        key = (fn.__name__, repr(sig), cap)  # one compile per specialization
                         job = jobs.setdefault(key, {
                             "fn": fn, "launch": launch, "config_kwargs": kw, "cap": cap, "dtype": dname,
                             "kernel": fn.__name__, "config": _config_name({**launch.kwargs, **kw}, launch.kwargs),
-                            "variants": [], "pruned": not keep,
+                            "variants": [], "dtypes": set(), "pruned": not keep,
                             "pruned_smem": None if keep else klora.concat_k_smem_bytes(config, element),
                             "pruned_why": None if keep else _why_pruned(config, element, cap, aligned),
                         })
                         job["variants"].append(f"{sname}: {variant}")
+                        job["dtypes"].add(_operand_dtype(launch, dname))
     return list(jobs.values())
+
+
+def _operand_dtype(launch: Launch, default: str) -> str:
+    """The dtype of the launch's first floating-point tensor operand (e.g. fp32 for float32 adapters);
+    for the PEMA kernel (pointer tables) the parameters' dtype."""
+    if "P_DT" in launch.kwargs:
+        return str(launch.kwargs["P_DT"])
+    for a in launch.args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return _TORCH_TO_TRITON[a.dtype]
+    return default
 
 
 def _why_pruned(config, element: int, cap: int, aligned: bool) -> str:
@@ -348,7 +360,8 @@ def run(subset: str, progress: bool = True, only: Optional[str] = None) -> List[
     jobs = [j for j in build_jobs(subset) if only is None or only in j["kernel"]]
     for i, job in enumerate(jobs):
         limit = klora.SMEM_LIMIT_BY_CAPABILITY[job["cap"]]
-        row = {"kernel": job["kernel"], "config": job["config"], "cap": f"sm_{job['cap']}", "dtype": job["dtype"],
+        row = {"kernel": job["kernel"], "config": job["config"], "cap": f"sm_{job['cap']}",
+               "dtype": ",".join(sorted(job["dtypes"])),
                "shapes": sorted(set(job["variants"])), "pruned": job["pruned"], "smem_limit": limit}
         if job["pruned"]:
             row.update(ok=True, error=None, regs=None, spill_bytes=None, smem_bytes=job["pruned_smem"], mma=None,

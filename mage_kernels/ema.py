@@ -321,7 +321,7 @@ class _PemaPlan:
         self.param_ptrs = tuple(p.data_ptr() for p in pema.params)
         self.numel = sum(p.numel() for p in pema.params)
         self.launch = PemaLaunch([p.detach() for p in pema.params], pema.emas, grads, sums)
-        self.dtypes = tuple(g.dtype for g in grads)
+        self.last_grads = list(grads)
         self.graph = None  # torch.cuda.CUDAGraph once captured
         self.graph_counts: Optional[torch.Tensor] = None
         self.eager_steps = 0
@@ -335,8 +335,13 @@ class _PemaPlan:
             return False
         return tuple(map(torch.Tensor.data_ptr, pema.params)) == self.param_ptrs
 
-    def step(self, grads: List[torch.Tensor], lam: float, beta_fallback: float, cuda_graph: bool) -> torch.Tensor:
-        self.launch.set_grads(tuple(map(torch.Tensor.data_ptr, grads)))
+    def same_grads(self, grads: List[torch.Tensor], ptrs: Tuple[int, ...]) -> bool:
+        """The very gradient tensors of the last call, at the same addresses (then their layout,
+        checked then, still holds)."""
+        return ptrs == self.launch.grad_ptrs and all(map(operator.is_, grads, self.last_grads))
+
+    def step(self, grad_ptrs: Tuple[int, ...], lam: float, beta_fallback: float, cuda_graph: bool) -> torch.Tensor:
+        self.launch.set_grads(grad_ptrs)
         self.launch.set_divisor(self.fisher._divisor())
         device = self.launch.device
         if not (cuda_graph and device.type == "cuda"):
@@ -419,17 +424,22 @@ class PEMA(_TaskEMA):
         if not all(map(operator.is_not, grads, itertools.repeat(None))):
             self._gradients(None)  # raises the RuntimeError naming the tensor
         plan = self._plan
-        if plan is None or not plan.matches(self, fisher) or not all(map(torch.Tensor.is_contiguous, grads)):
+        if plan is None or not plan.matches(self, fisher):
             if not all(map(torch.Tensor.is_contiguous, grads)):
                 return None  # the general path makes contiguous copies
             self._plan = plan = _PemaPlan(self, fisher, grads)
+        ptrs = tuple(map(torch.Tensor.data_ptr, grads))
+        if not plan.same_grads(grads, ptrs):  # other tensors, or storage moved: check the layout again
+            if not all(map(torch.Tensor.is_contiguous, grads)):
+                return None
+            plan.last_grads = grads
         from .kernels.pema import TablesStale
 
         try:
-            counts = plan.step(grads, self.lam, self.beta_fallback, self.cuda_graph)
+            counts = plan.step(ptrs, self.lam, self.beta_fallback, self.cuda_graph)
         except TablesStale:  # a gradient the vector path cannot take: regroup (before anything ran)
             self._plan = plan = _PemaPlan(self, fisher, grads)
-            counts = plan.step(grads, self.lam, self.beta_fallback, self.cuda_graph)
+            counts = plan.step(ptrs, self.lam, self.beta_fallback, self.cuda_graph)
         self._record(counts, plan.numel)
         return counts
 

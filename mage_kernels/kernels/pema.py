@@ -44,6 +44,7 @@ documented design decision (ALGORITHM.md §3). The reference is
 
 from __future__ import annotations
 
+import array
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -216,26 +217,28 @@ class PemaLaunch:
             members.setdefault(key, []).append(i)
             rows.setdefault(key, []).append([p.data_ptr(), e.data_ptr(), g.data_ptr(), f.data_ptr(), e.numel()])
         self.groups = [_Group(key, members[key], rows[key], self.device) for key in members]
-        self._grad_ptrs = tuple(g.data_ptr() for g in grads)
+        self.grad_ptrs = tuple(g.data_ptr() for g in grads)
 
     def set_grads(self, grad_ptrs: Tuple[int, ...]) -> bool:
         """Point the tables at these gradient addresses (one per tensor); False when nothing changed.
 
         The gradients must have the dtypes, sizes and alignment of the ones the
         tables were built with (the caller checks); only their addresses move."""
-        if grad_ptrs == self._grad_ptrs:
+        if grad_ptrs == self.grad_ptrs:
             return False
-        ptrs = torch.tensor(grad_ptrs, dtype=torch.int64)
+        ptrs = torch.frombuffer(array.array("q", grad_ptrs), dtype=torch.int64)
+        misaligned = (ptrs % ALIGN_BYTES) != 0
+        for group in self.groups:
+            if group.key[4] and bool(misaligned[group.index].any()):
+                raise TablesStale("a gradient moved to an address that is not 16-byte aligned")
         for group in self.groups:
             column = ptrs[group.index]
-            if group.key[4] and bool((column % ALIGN_BYTES).any()):
-                raise TablesStale("a gradient moved to an address that is not 16-byte aligned")
             group.host[:, 2] = column
             # A fresh pinned copy per change: the caching host allocator keeps it alive until the
             # asynchronous copy has run, so the host table can be rewritten at once.
             src = group.host.pin_memory() if self.device.type == "cuda" else group.host
             group.table.copy_(src, non_blocking=True)
-        self._grad_ptrs = grad_ptrs
+        self.grad_ptrs = grad_ptrs
         return True
 
     def set_divisor(self, value: float) -> None:
