@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-__all__ = ["Launch", "launch", "record_launches", "recording"]
+__all__ = ["Launch", "launch", "record_launches", "recording", "sm_override"]
 
 
 @dataclasses.dataclass
@@ -30,6 +30,12 @@ class Launch:
 
 _recorder: Optional[List[Launch]] = None
 _label: str = ""
+_sms: Optional[int] = None
+
+
+def sm_override() -> Optional[int]:
+    """The SM count the grid heuristics assume inside :func:`record_launches` (``None`` outside)."""
+    return _sms
 
 
 def recording() -> bool:
@@ -49,16 +55,13 @@ def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> None:
 def record_launches(label: str = "", num_sms: int = 132) -> Iterator[List[Launch]]:
     """Record (do not run) every kernel launch in the block; ``num_sms`` is the SM count the
     wrappers' grid heuristics assume (132: an H100/H200 SXM)."""
-    global _recorder, _label
-    from . import lora
-
-    old, old_label, old_sms = _recorder, _label, lora._SM_OVERRIDE
-    _recorder, _label = [], label
-    lora._SM_OVERRIDE = num_sms
+    global _recorder, _label, _sms
+    old, old_label, old_sms = _recorder, _label, _sms
+    _recorder, _label, _sms = [], label, num_sms
     try:
         yield _recorder
     finally:
-        _recorder, _label, lora._SM_OVERRIDE = old, old_label, old_sms
+        _recorder, _label, _sms = old, old_label, old_sms
 
 
 def set_label(label: str) -> Callable[[], None]:

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ..backends import triton_interpreter
 from .dropout import keep_mask
-from .launch import launch
+from .launch import launch, sm_override
 
 __all__ = [
     "shrink", "expand_accumulate_", "matmul_concat_k", "SUPPORTED_DTYPES", "dot_allows_tf32",
@@ -86,13 +86,10 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-_SM_OVERRIDE: Optional[int] = None  # set by kernels.launch.record_launches (ahead-of-time reports)
-
-
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (1 elsewhere): sizes grids to fill the GPU."""
-    if _SM_OVERRIDE is not None:
-        return _SM_OVERRIDE
+    if sm_override() is not None:  # kernels.launch.record_launches (ahead-of-time reports)
+        return sm_override()
     if device.type != "cuda":
         return 1
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
