@@ -9,8 +9,9 @@ section 1 table); all four adapters take part in the forward.
 Cases (group ``lora_linear``):
 
 * ``floor``      -- the frozen base linear alone: ``F.linear`` forward + input gradient.
-* ``mage``       -- :class:`mage_kernels.MageLinear` (fused op; Triton on CUDA,
-  the torch reference backend on CPU, since Triton needs a GPU).
+* ``mage``       -- :class:`mage_kernels.MageLinear` (the path ``mk.lora_linear_path``
+  picks: the cuBLAS composition on CUDA, the torch reference on CPU).
+* ``mage_triton`` -- the same with backend ``"triton"`` (the Triton concat-K GEMM; CUDA only).
 * ``eager_loop`` -- four LoRA adapters written as PEFT writes them:
   ``base(x) + sum_k B_k(A_k(dropout_k(x))) * s`` with ``nn.Linear`` modules.
 * ``peft``       -- PEFT's own ``LoraModel`` with four adapters active at once
@@ -112,11 +113,30 @@ def test_mage_linear(benchmark, bench_size, bench_results, setup):
     layer = MageLinear(base.in_features, base.out_features, r=RANK, alpha=ALPHA, dropout=DROPOUT, base=base)
     layer.set_trainable(TRAINABLE)
     layer.train()
-    backend = mage_kernels.resolve_backend(x.device, "lora_linear")
-    note = f"backend {backend}"
+    path = mage_kernels.lora_linear_path(x.device, x.dtype, dropout=DROPOUT > 0).path
+    note = f"path {path}"
     if x.device.type == "cpu":
-        note += " (CPU: Triton needs a GPU, so the torch reference path runs)"
+        note += " (CPU: the torch reference path)"
     _run(benchmark, bench_size, bench_results, "mage", layer, x, grad_y, note)
+
+
+def test_mage_linear_triton_concat_k(benchmark, bench_size, bench_results, setup):
+    base, x, grad_y = setup
+    if x.device.type != "cuda":
+        pytest.skip("the Triton concat-K GEMM runs compiled only on a GPU")
+    layer = MageLinear(base.in_features, base.out_features, r=RANK, alpha=ALPHA, dropout=DROPOUT, base=base)
+    layer.set_trainable(TRAINABLE)
+    layer.train()
+
+    def run(t):
+        with mage_kernels.use_backend("triton"):
+            return layer(t)
+
+    params = [p for p in layer.parameters() if p.requires_grad]
+    step = _step_fn(run, x, grad_y, params, sync=True)
+    benchmark.group = f"{GROUP} [{bench_size.name}]"
+    benchmark.pedantic(step, rounds=bench_size.rounds, iterations=1, warmup_rounds=bench_size.warmup_rounds)
+    bench_results.add(GROUP, "mage_triton", benchmark, "backend triton: concat-K Triton GEMM")
 
 
 def _eager(base) -> EagerFourLoRA:

@@ -18,7 +18,10 @@ memory-bandwidth floor of touching the data):
 
 PEMA moves 5 tensors' worth of bytes per element (read theta, theta*, g, F;
 write theta*). On GPU the achieved bandwidth is printed as a fraction of the
-copy bandwidth measured here (target >= 80%).
+copy bandwidth measured here (target >= 85%, per synchronized call, host time
+included). These cases time the functional form (validated per call);
+``bench/headline.py`` times ``PEMA.update`` with its cached plan, eager and as a
+CUDA graph, and ``bench/pema_host_overhead.py`` its host time alone.
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ def test_pema_auto_backend(benchmark, bench_size, bench_results, tensors):
            lambda: mk.pema_update_(t["params"], t["emas"], t["grads"], t["fishers"], LAM, BETA_FB), t, passes=5)
     if t["device"] == "cuda" and "floor" in _BW:
         frac = _BW["pema"] / _BW["floor"]
-        print(f"\nPEMA Triton kernel: {_BW['pema']:.0f} GB/s = {frac:.0%} of copy bandwidth (target >= 80%)")
+        print(f"\nPEMA Triton kernel: {_BW['pema']:.0f} GB/s = {frac:.0%} of copy bandwidth (target >= 85%)")
 
 
 def test_pema_cuda_extension(benchmark, bench_size, bench_results, tensors):

@@ -5,7 +5,10 @@ Public API (see README.md):
 * :class:`MageLinear` -- frozen linear + four equally weighted LoRA adapters.
 * :func:`inject`, :func:`for_task`, :func:`set_trainable`, :func:`adapter_state_dict`,
   :func:`load_adapter_state_dict` -- model-wide adapter management.
-* :func:`lora_linear` -- the fused op itself (``torch.ops.mage.lora_linear``).
+* :func:`lora_linear` -- the fused op itself (``torch.ops.mage.lora_linear``);
+  :func:`lora_linear_path` -- which implementation a call takes (cuBLAS composition,
+  Triton concat-K or the torch reference); :func:`dropout_mask` -- the in-kernel
+  dropout mask of a seed.
 * Custom ops registered on import (Triton itself is imported lazily, only for the
   ``triton`` backend): ``torch.ops.mage.lora_linear``, ``lora_linear_backward``,
   ``weight_grad_with_fisher`` and ``pema_update_``.
@@ -32,7 +35,7 @@ from .inject import (
     set_trainable,
 )
 from .layer import ADAPTERS, MageLinear, adapters_for_task
-from .lora_op import lora_linear
+from .lora_op import LoraLinearPath, dropout_mask, lora_linear, lora_linear_path
 from . import cuda_extension  # noqa: E402  (the optional _C loader: mk.cuda_extension.schema_mismatches())
 from . import weight_grad_op  # noqa: F401  (registers torch.ops.mage.weight_grad_with_fisher; no Triton import)
 from .fisher import Fisher
@@ -63,6 +66,9 @@ __all__ = [
     "inject",
     "load_adapter_state_dict",
     "lora_linear",
+    "lora_linear_path",
+    "LoraLinearPath",
+    "dropout_mask",
     "mage_layers",
     "resolve_backend",
     "set_backend",

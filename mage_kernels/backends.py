@@ -7,8 +7,9 @@ Three backends compute the same ops with the same semantics:
     or ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by the tests).
 ``"cuda"``
     The hand-written CUDA C++ kernels of the ``mage_kernels._C`` extension
-    (built by ``pip install`` when a CUDA torch and nvcc are present). Ops the
-    extension does not implement run on Triton, and :func:`backend_info` says so.
+    (built by ``pip install`` when a CUDA torch and nvcc are present) for the
+    PEMA update and the Fisher weight gradient; the LoRA GEMMs run in cuBLAS and
+    the dropout kernels in Triton (:func:`mage_kernels.lora_linear_path`).
 ``"torch"``
     The plain-PyTorch reference path (:mod:`mage_kernels.reference`). Works on
     every device; it is what ``"auto"`` uses for CPU tensors.
@@ -17,9 +18,12 @@ Choose with :func:`set_backend`, the ``backend=`` context manager
 :func:`use_backend`, or the environment variable ``MAGE_BACKEND``
 (``auto`` | ``triton`` | ``cuda`` | ``torch``). ``"auto"`` (the default)
 resolves per call from the tensors' device and dtype: CUDA tensors of a dtype
-the Triton kernels support (float16, bfloat16, float32) -> ``"triton"``;
-anything else -> ``"torch"``. In particular ``"auto"`` runs float64 LoRA ops on
-the torch reference (the Triton GEMMs have no float64 path), while an explicit
+the Triton kernels support (float16, bfloat16, float32) -> ``"triton"`` (the
+kernel family of the non-GEMM kernels: PEMA, Fisher, dropout); anything else ->
+``"torch"``. For ``mage::lora_linear`` the base GEMMs then run in cuBLAS; only
+an explicit ``"triton"`` request runs them in the Triton concatenated-K kernel.
+:func:`mage_kernels.lora_linear_path` states the whole rule per call.
+In particular ``"auto"`` runs float64 LoRA ops on the torch reference (the Triton GEMMs have no float64 path), while an explicit
 ``"triton"`` request with float64 tensors raises a ``TypeError`` naming the
 dtype. (The PEMA op passes no dtype: its Triton kernel handles float64 too.)
 The tests run the Triton kernels on CPU tensors by requesting ``"triton"``

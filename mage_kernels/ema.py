@@ -1,4 +1,4 @@
-"""PEMA (MAGE, SPEC section 3) and the DEMA / CIA baseline (SPEC section 4).
+"""PEMA (MAGE, ALGORITHM.md §3) and the DEMA / CIA baseline (ALGORITHM.md §4).
 
 Both keep an exponential moving average ``theta*`` of every trainable adapter
 tensor over a task, updated after each optimizer step, and copy it into the
@@ -20,9 +20,21 @@ this fallback is the documented design decision of SPEC section 3)::
     theta* = beta * theta* + (1 - beta) * theta        (kept when not finite)
 
 It runs as the custom op ``torch.ops.mage.pema_update_`` (one fused
-multi-tensor Triton launch per dtype group, see :mod:`mage_kernels.kernels.pema`;
+multi-tensor Triton launch per tensor group, see :mod:`mage_kernels.kernels.pema`;
 the ``"torch"`` backend is :func:`mage_kernels.reference.pema_update_foreach_`).
 Persistent state: one ``theta*`` per trained tensor (``F`` is per-step workspace).
+
+Host cost of :meth:`PEMA.update` on the Triton path (the default on CUDA): the
+inputs are validated and the kernel's pointer tables built ONCE (the first
+update of a task, or when a tracked tensor's storage changes), in a cached
+:class:`_PemaPlan`. Each later call reads the gradients (``p.grad``) and
+compares their addresses and the parameters' with the cached ones (one tuple
+comparison), checks the Fisher's buffers by identity, and launches; ``F`` is
+the Fisher's running sums divided by its sample count inside the kernel, so no
+per-step ``F`` tensors are made. With ``pema.cuda_graph = True`` the launches
+are captured in a CUDA graph on the second call and replayed from then on
+(one graph launch per update). A ``{name: F}`` mapping, ``grads=``, or the
+``torch`` / ``cuda`` backends take the general path: the op, validated per call.
 
 DEMA (CIA), one scalar per tensor::
 
@@ -40,6 +52,8 @@ task start, so the first step has ``c = |g|_1``.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 import warnings
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -275,8 +289,87 @@ class _TaskEMA:
         self.steps = int(state.get("steps", 0))
 
 
+_FISHER_A = operator.attrgetter("fisher_a")
+_FISHER_B = operator.attrgetter("fisher_b")
+_GRAD = operator.attrgetter("grad")
+
+
+class _PemaPlan:
+    """What :meth:`PEMA.update` keeps between calls on the Triton path (module docstring).
+
+    Built from the PEMA object's tracked tensors, the Fisher object's sum buffers
+    and the current gradients, after validating them once. :meth:`matches` is the
+    per-call check; :meth:`step` runs one update.
+    """
+
+    def __init__(self, pema: "PEMA", fisher, grads: List[torch.Tensor]) -> None:
+        from .kernels.pema import PemaLaunch
+
+        sums = []
+        for p in pema.params:
+            where = fisher._param_index.get(id(p))
+            if where is None:
+                raise KeyError("a tensor is not an adapter parameter (lora_A[k] / lora_B[k]) of a layer this "
+                               "Fisher tracks")
+            sums.append(fisher._sum_view(*where))
+        _validate(pema.params, pema.emas, grads, sums)
+        self.fisher = fisher
+        self.emas = pema.emas
+        self.layers = [layer for _, layer in fisher.layers]
+        self.buffers_a = [layer.fisher_a for layer in self.layers]
+        self.buffers_b = [layer.fisher_b for layer in self.layers]
+        self.param_ptrs = tuple(p.data_ptr() for p in pema.params)
+        self.numel = sum(p.numel() for p in pema.params)
+        self.launch = PemaLaunch([p.detach() for p in pema.params], pema.emas, grads, sums)
+        self.last_grads = list(grads)
+        self.graph = None  # torch.cuda.CUDAGraph once captured
+        self.graph_counts: Optional[torch.Tensor] = None
+        self.eager_steps = 0
+
+    def matches(self, pema: "PEMA", fisher) -> bool:
+        """The O(1)-per-tensor check of every call: same Fisher, buffers and EMA list, parameters in place."""
+        if fisher is not self.fisher or pema.emas is not self.emas:
+            return False
+        if not (all(map(operator.is_, map(_FISHER_A, self.layers), self.buffers_a))
+                and all(map(operator.is_, map(_FISHER_B, self.layers), self.buffers_b))):
+            return False
+        return tuple(map(torch.Tensor.data_ptr, pema.params)) == self.param_ptrs
+
+    def same_grads(self, grads: List[torch.Tensor], ptrs: Tuple[int, ...]) -> bool:
+        """The very gradient tensors of the last call, at the same addresses (then their layout,
+        checked then, still holds)."""
+        return ptrs == self.launch.grad_ptrs and all(map(operator.is_, grads, self.last_grads))
+
+    def step(self, grad_ptrs: Tuple[int, ...], lam: float, beta_fallback: float, cuda_graph: bool) -> torch.Tensor:
+        self.launch.set_grads(grad_ptrs)
+        self.launch.set_divisor(self.fisher._divisor())
+        device = self.launch.device
+        if not (cuda_graph and device.type == "cuda"):
+            counts = torch.zeros(2, dtype=torch.int64, device=device)
+            self.launch.run(counts, lam, beta_fallback)
+            self.eager_steps += 1
+            return counts
+        if self.graph is None:
+            if self.eager_steps == 0:  # the first call compiles the kernels: run it eagerly
+                counts = torch.zeros(2, dtype=torch.int64, device=device)
+                self.launch.run(counts, lam, beta_fallback)
+                self.eager_steps += 1
+                return counts
+            self.graph_counts = torch.zeros(2, dtype=torch.int64, device=device)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.graph_counts.zero_()
+                self.launch.run(self.graph_counts, lam, beta_fallback)
+            self.graph_lam = (lam, beta_fallback)
+        if self.graph_lam != (lam, beta_fallback):
+            raise RuntimeError("PEMA.cuda_graph: lam/beta_fallback changed after the graph was captured; "
+                               "call start_task() to recapture")
+        self.graph.replay()
+        return self.graph_counts.clone()
+
+
 class PEMA(_TaskEMA):
-    """Parameter-wise EMA of MAGE (SPEC section 3) over the model's trainable adapters.
+    """Parameter-wise EMA of MAGE (ALGORITHM.md §3) over the model's trainable adapters.
 
     Args:
         model: a :class:`MageLinear` or a model containing them. The tensors
@@ -291,7 +384,16 @@ class PEMA(_TaskEMA):
     ``fallback_count`` (elements that used ``beta_fallback``), ``nonfinite_count``
     (elements skipped because the new ``theta*`` would not be finite),
     ``last_fallback_fraction`` (share of the last update's elements that fell back).
+
+    ``cuda_graph`` (attribute, default ``False``): on the Triton path with CUDA
+    tensors, capture the update in a CUDA graph on its second call and replay it
+    afterwards (the first call compiles the kernels). The graph reads the
+    gradients' and the Fisher count through device tables that each call
+    refreshes, so it stays valid across steps; :meth:`start_task` drops it.
     """
+
+    cuda_graph: bool = False
+    _plan: Optional[_PemaPlan] = None
 
     def __init__(self, model: nn.Module, lam: float = 1e-5, beta_fallback: float = 0.99,
                  backend: Optional[str] = None) -> None:
@@ -306,6 +408,41 @@ class PEMA(_TaskEMA):
         self.backend = backend
         super().__init__(model)
 
+    def start_task(self) -> None:
+        self._plan = None  # the new task tracks new tensors: rebuild the tables on the next update
+        super().start_task()
+
+    def _fast_update(self, fisher) -> Optional[torch.Tensor]:
+        """The cached-plan path of :meth:`update` (module docstring); ``None`` when it does not apply."""
+        if not hasattr(fisher, "_param_index") or not self.emas:
+            return None
+        ctx = use_backend(self.backend) if self.backend is not None else contextlib.nullcontext()
+        with ctx:
+            if resolve_backend(self.emas[0].device, "pema_update_") != "triton":
+                return None
+        grads = list(map(_GRAD, self.params))
+        if not all(map(operator.is_not, grads, itertools.repeat(None))):
+            self._gradients(None)  # raises the RuntimeError naming the tensor
+        plan = self._plan
+        if plan is None or not plan.matches(self, fisher):
+            if not all(map(torch.Tensor.is_contiguous, grads)):
+                return None  # the general path makes contiguous copies
+            self._plan = plan = _PemaPlan(self, fisher, grads)
+        ptrs = tuple(map(torch.Tensor.data_ptr, grads))
+        if not plan.same_grads(grads, ptrs):  # other tensors, or storage moved: check the layout again
+            if not all(map(torch.Tensor.is_contiguous, grads)):
+                return None
+            plan.last_grads = grads
+        from .kernels.pema import TablesStale
+
+        try:
+            counts = plan.step(ptrs, self.lam, self.beta_fallback, self.cuda_graph)
+        except TablesStale:  # a gradient the vector path cannot take: regroup (before anything ran)
+            self._plan = plan = _PemaPlan(self, fisher, grads)
+            counts = plan.step(ptrs, self.lam, self.beta_fallback, self.cuda_graph)
+        self._record(counts, plan.numel)
+        return counts
+
     def update(self, fisher: Union["Fisher", Mapping[str, torch.Tensor]],  # noqa: F821
                grads: Optional[GradSource] = None) -> torch.Tensor:
         """One PEMA step after ``optimizer.step()``: every tracked tensor's gradient and its Fisher.
@@ -317,6 +454,10 @@ class PEMA(_TaskEMA):
         ``RuntimeError`` naming it (nothing is updated or counted).
         Returns this step's counts ``int64[2]`` (device tensor).
         """
+        if grads is None and not isinstance(fisher, Mapping):
+            counts = self._fast_update(fisher)
+            if counts is not None:
+                return counts
         grad_list = self._gradients(grads)
         params = self.params
         if isinstance(fisher, Mapping):

@@ -1,4 +1,4 @@
-"""``MageLinear``: a frozen linear layer with MAGE's four LoRA adapters (SPEC section 1).
+"""``MageLinear``: a frozen linear layer with MAGE's four LoRA adapters (ALGORITHM.md §1).
 
     y = x W0^T (+ bias) + s * sum_k B_k A_k drop(x),      s = alpha / (num_adapters * r)
 
@@ -9,8 +9,14 @@ only the trainable ones (``requires_grad``) receive gradients, and the backward
 kernel does no work for the frozen ones.
 
 Dropout: this implementation uses ONE dropout mask shared by the four adapters
-(the SPEC's allowed simplification; the authors' code draws an independent mask
-per adapter). ``tests/test_layer.py::test_dropout_mask_is_shared`` pins it down.
+(ALGORITHM.md §1's allowed simplification; the authors' code draws an independent
+mask per adapter). ``tests/test_layer.py::test_dropout_mask_is_shared_by_the_four_adapters``
+pins it down. The mask is never materialized on the Triton/cuBLAS paths: each
+training forward draws a fresh int64 seed from torch's generator of the input's
+device (reproducible under ``torch.manual_seed``), the kernels generate the mask
+from it (Philox) and the backward regenerates it; ``mk.dropout_mask(x.shape, p,
+seed)`` returns the mask of a seed. The ``torch`` backend draws its mask from a
+``torch.Generator`` with the same seed: same semantics, different bits.
 """
 
 from __future__ import annotations
@@ -21,10 +27,9 @@ import numbers
 from typing import Iterable, List, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .lora_op import lora_linear
+from .lora_op import lora_linear, new_dropout_seed
 
 __all__ = ["ADAPTERS", "MageLinear", "adapters_for_task"]
 
@@ -239,13 +244,15 @@ class MageLinear(nn.Module):
             )
         if weight is not None and weight.dtype != x.dtype:
             raise TypeError(f"base weight is {weight.dtype} but the input is {x.dtype}")
-        x_lora = F.dropout(x, self.dropout, training=True) if (self.training and self.dropout > 0) else None
+        p = self.dropout if (self.training and self.dropout > 0) else 0.0
+        seed = new_dropout_seed(x.device) if p else None
         fisher_on = self.fisher_a is not None and torch.is_grad_enabled()
         rows = [k * self.r + i for k in self.trainable_adapters() for i in range(self.r)]
         with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext():
             y = lora_linear(
                 x, weight, bias, a, b, self.scaling,
-                x_lora=x_lora,
+                dropout_p=p,
+                dropout_seed=seed,
                 trainable_rows=rows,
                 fisher_a=self.fisher_a if fisher_on else None,
                 fisher_b=self.fisher_b if fisher_on else None,

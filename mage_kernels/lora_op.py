@@ -1,40 +1,71 @@
-"""The fused MAGE LoRA linear as a ``torch.library`` custom op with autograd.
+"""The fused MAGE LoRA linear as a ``torch.library`` custom op with autograd (ALGORITHM.md §1).
 
 Two ops are registered in the ``mage`` namespace:
 
-``torch.ops.mage.lora_linear(x, weight, bias, lora_a, lora_b, scaling, x_lora, trainable_rows,
-fisher_a, fisher_b, token_weight, num_samples, fisher_scale) -> (y, u)``
-    ``y = x W0^T + bias + scaling * (x_lora A^T) B^T`` and the saved shrink
-    ``u = x_lora A^T``. ``x`` is 2-D ``[M, K]``.
+``torch.ops.mage.lora_linear(x, weight, bias, lora_a, lora_b, scaling, x_lora, trainable_rows, fisher_a,
+fisher_b, token_weight, num_samples, fisher_scale, dropout_p, dropout_seed) -> (y, su)``
+    ``y = x W0^T + bias + (s u) B^T`` with the pre-scaled shrink ``s u = s drop(x_lora) A^T``
+    (saved for the backward). ``x`` is 2-D ``[M, K]``; ``x_lora`` (``None``: ``x``) is the
+    adapters' input; with ``dropout_p > 0`` the adapters see ``drop(x_lora)``, its mask
+    generated from the int64 ``dropout_seed`` inside the kernels and regenerated in
+    the backward (never stored).
 
 ``torch.ops.mage.lora_linear_backward(...) -> (dx, dx_lora, dA, dB)``
-    ``dx`` always, ``dA``/``dB`` only for the rows/columns in
-    ``trainable_rows`` (the rest stay zero and cost nothing). When the Fisher
-    buffers are given, it also adds each sample's squared gradient into them in
-    place (SPEC section 2) without materializing per-sample gradients.
+    ``dx`` always, ``dA``/``dB`` only for the rows/columns in ``trainable_rows``
+    (the rest stay zero and cost nothing). When the Fisher buffers are given, it
+    also adds each sample's squared gradient into them in place (ALGORITHM.md §2)
+    without materializing per-sample gradients.
 
 Both have fake (meta) implementations, so they trace under ``torch.compile``.
-Each op dispatches to the backend chosen by :mod:`mage_kernels.backends` through
-three primitives (shrink GEMM, concatenated-K GEMM, weight gradient with
-Fisher), which exist for every backend with the same semantics.
+
+Which implementation runs: :func:`lora_linear_path` (also public as
+``mage_kernels.lora_linear_path``) is THE rule, used by the op itself, so it
+always says which path a given call takes:
+
+``"cublas"`` -- CUDA tensors under ``"auto"`` (fp16/bf16/fp32) and under ``"cuda"``
+    The big GEMMs in cuBLAS (``torch.mm`` / ``addmm``, fp32 accumulation), the rank-4r
+    expand accumulated into the same output::
+
+        y  = x W0^T + b;    y.addmm_(s u, B^T)              (s u = s x A^T: one GEMM for the 4 adapters)
+        dx = dY W0;         dx.addmm_(s G, A)               (s G = s dY B)
+        dA = (s G)^T x;     dB = dY^T (s u)
+
+    Triton only where cuBLAS cannot do the work: with dropout the shrink, the
+    masked expand ``dx += mask / (1 - p) * (s G A)`` and ``dA`` regenerate the mask
+    in the kernel; with the Fisher the weight gradients run in the Fisher kernel
+    (``T = 1``: one GEMM of squares; short samples: one tile per sample; see
+    :mod:`mage_kernels.kernels.weight_grad`). Under ``"cuda"`` the Fisher weight
+    gradient without dropout runs in the CUDA extension instead.
+``"triton"`` -- only when backend ``"triton"`` is requested explicitly
+    The base GEMMs in the Triton concatenated-K kernel (``[x | s u] @ [W0 | B]^T``, one
+    kernel; selectable so that benchmarks can compare it with the cuBLAS composition
+    in the same run), everything else in Triton too.
+``"torch"`` -- CPU tensors, dtypes the kernels lack (float64), backend ``"torch"``
+    :mod:`mage_kernels.reference`; the dropout mask from a ``torch.Generator`` seeded
+    with the same seed (same semantics, different bits than the Triton mask).
 
 Users normally call :func:`lora_linear` (or use :class:`mage_kernels.MageLinear`).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import contextlib
+import dataclasses
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import reference
+from .backends import backend as requested_backend
 from .backends import resolve_backend
 from .weight_grad_op import OP_NAME as WEIGHT_GRAD_OP
 from .weight_grad_op import weight_grad_impl
 
-__all__ = ["lora_linear", "contiguous_runs", "primitives"]
+__all__ = ["lora_linear", "lora_linear_path", "LoraLinearPath", "contiguous_runs", "new_dropout_seed", "use_path"]
 
 _EMPTY_SHAPE = (0,)
+PATHS = ("cublas", "triton", "torch")
+_forced_path: Optional[str] = None
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -52,34 +83,222 @@ def contiguous_runs(rows: Sequence[int]) -> List[Tuple[int, int]]:
     return runs
 
 
-class _Primitives:
-    """The three building blocks the op is made of, for one backend."""
-
-    def __init__(self, shrink, matmul_concat_k, weight_grad_with_fisher):
-        self.shrink = shrink
-        self.matmul_concat_k = matmul_concat_k
-        self.weight_grad_with_fisher = weight_grad_with_fisher
+def new_dropout_seed(device: torch.device) -> torch.Tensor:
+    """A fresh int64 ``[1]`` dropout seed on ``device``, drawn from torch's generator of that device
+    (so ``torch.manual_seed`` makes the masks reproducible; no host sync, CUDA-graph safe)."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
 
 
-def primitives(device: torch.device, dtype: Optional[torch.dtype] = None) -> _Primitives:
-    """The primitives of the backend that :func:`~mage_kernels.backends.resolve_backend` picks.
+# ----------------------------------------------------------------------------- the path rule
 
-    ``dtype`` is the compute dtype (``"auto"`` picks the torch reference for
-    dtypes the Triton kernels lack, e.g. float64). The weight-gradient primitive
-    comes from :func:`mage_kernels.weight_grad_op.weight_grad_impl`, the same
-    backend-to-implementation map that ``torch.ops.mage.weight_grad_with_fisher``
-    uses. The CUDA extension implements only that primitive (not the GEMMs), so
-    backend ``"cuda"`` runs the GEMMs on Triton.
+
+@dataclasses.dataclass(frozen=True)
+class LoraLinearPath:
+    """Which implementation each part of one ``mage::lora_linear`` call uses (see :func:`lora_linear_path`)."""
+
+    path: str  # "cublas" | "triton" | "torch"
+    backend: str  # the concrete kernel backend: "triton" | "cuda" | "torch"
+    base_gemm: str  # forward x W0^T + b and input-gradient dY W0
+    shrink: str  # s drop(x) A^T (and s dY B)
+    expand: str  # the rank-4r expand into y and into dx
+    weight_grad: str  # dA, dB (and the Fisher)
+
+    def as_dict(self) -> Dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+@contextlib.contextmanager
+def use_path(name: Optional[str]) -> Iterator[None]:
+    """Force the path (``"cublas"`` | ``"triton"`` | ``"torch"``) of the enclosed calls, overriding the
+    rule of :func:`lora_linear_path` (tests and benchmarks: e.g. the cuBLAS composition on CPU
+    tensors, with its Triton kernels in the interpreter). ``None`` restores the rule."""
+    global _forced_path
+    if name is not None and name not in PATHS:
+        raise ValueError(f"unknown path {name!r}; choose one of {', '.join(PATHS)}")
+    old = _forced_path
+    _forced_path = name
+    try:
+        yield
+    finally:
+        _forced_path = old
+
+
+def _triton_or(name: str) -> str:
+    return "triton" if name == "cuda" else name
+
+
+def lora_linear_path(device: torch.device, dtype: Optional[torch.dtype] = None, *, dropout: bool = False,
+                     fisher: bool = False, tokens_per_sample: Optional[int] = None) -> LoraLinearPath:
+    """The path a ``mage::lora_linear`` call takes (forward and backward), by the documented rule.
+
+    Args:
+        device, dtype: of the call's tensors.
+        dropout: the adapters' input dropout is on (``p > 0`` in training).
+        fisher: the Fisher buffers are attached (the backward accumulates them).
+        tokens_per_sample: ``T`` of the Fisher's samples (``1``: inputs ``[N, d]``).
+
+    Rule (the module docstring explains each path): explicit backend ``"torch"``, a
+    non-CUDA device or a dtype outside float16/bfloat16/float32 under ``"auto"`` ->
+    ``"torch"``; explicit ``"triton"`` -> ``"triton"`` (concatenated-K Triton GEMM);
+    otherwise (``"auto"`` or ``"cuda"`` on CUDA) -> ``"cublas"``. An explicitly
+    requested backend that cannot run raises
+    :class:`~mage_kernels.BackendUnavailableError` (no silent fallback).
     """
-    name = resolve_backend(device, WEIGHT_GRAD_OP, dtype)
-    if name == "torch":
-        return _TORCH
-    from .kernels import lora as tk  # imports Triton: only when a Triton/CUDA backend is chosen
+    concrete = resolve_backend(device, WEIGHT_GRAD_OP, dtype)
+    if _forced_path is not None:
+        path = _forced_path
+        if path != "torch" and concrete == "torch":
+            concrete = "triton"
+    elif concrete == "torch":
+        path = "torch"
+    elif requested_backend() == "triton":
+        path = "triton"
+    else:
+        path = "cublas"
+    if path == "torch":
+        mask = "torch.Generator mask" if dropout else "no dropout"
+        return LoraLinearPath("torch", "torch", "torch (reference)", f"torch ({mask})", "torch", "torch")
+    t1 = fisher and tokens_per_sample == 1
+    fisher_kernel = ("Fisher kernel: one GEMM of squares (T = 1)" if t1 else
+                     "Fisher kernel: one tile per sample" if fisher and tokens_per_sample is not None
+                     and 1 < tokens_per_sample <= 64 else "Fisher kernel: per-sample loop" if fisher else "")
+    if path == "triton":
+        return LoraLinearPath(
+            "triton", "triton", "triton concat-K GEMM (bias in the epilogue)",
+            "triton shrink" + (" (in-kernel Philox dropout)" if dropout else ""),
+            "triton masked expand (dropout)" if dropout else "triton concat-K (same accumulator)",
+            "triton " + (fisher_kernel or "weight-grad kernel") + (" (in-kernel dropout)" if dropout else ""),
+        )
+    wg_backend = concrete if (concrete == "cuda" and fisher and not dropout) else "triton"
+    if not fisher and not dropout:
+        weight_grad = "cublas torch.mm"
+    elif wg_backend == "cuda":
+        weight_grad = "cuda extension weight_grad_with_fisher"
+    else:
+        weight_grad = "triton " + (fisher_kernel or "weight-grad kernel") + (" (in-kernel dropout)" if dropout else "")
+    return LoraLinearPath(
+        "cublas", concrete, "cublas torch.addmm / torch.mm",
+        "triton shrink (in-kernel Philox dropout)" if dropout else "cublas torch.mm (one GEMM, 4 adapters)",
+        "cublas y.addmm_(s u, B^T); dx: triton masked expand" if dropout else
+        "cublas y.addmm_(s u, B^T) / dx.addmm_(s G, A)",
+        weight_grad,
+    )
 
-    return _Primitives(tk.shrink, tk.matmul_concat_k, weight_grad_impl(name))
+
+# ----------------------------------------------------------------------------- implementations
 
 
-_TORCH = _Primitives(reference.shrink, reference.matmul_concat_k, weight_grad_impl("torch"))
+class _Torch:
+    """The reference path: plain PyTorch on any device."""
+
+    @staticmethod
+    def shrink(x, a, scale, p, seed):
+        xl = reference.dropout(x, p, seed) if p else x
+        return reference.shrink(xl, a, scale)
+
+    @staticmethod
+    def forward(x, w_t, su, b_t, bias):
+        return reference.matmul_concat_k(x, w_t, su, b_t, 1.0, bias)
+
+    @staticmethod
+    def base_input_grad(dy, w):
+        return dy @ w
+
+    @staticmethod
+    def add_lora_input_grad_(out, sg, a, p, seed):
+        part = sg @ a
+        if p:
+            part = reference.dropout(part, p, seed)
+        return out.add_(part)
+
+    @staticmethod
+    def fused_input_grad(dy, w, sg, a):
+        return None
+
+    @staticmethod
+    def weight_grad(g, x, n, fisher, tw, fs, p, seed):
+        xl = reference.dropout(x, p, seed) if p else x
+        return reference.weight_grad_with_fisher(g, xl, n, 1.0, fisher, tw, fs)
+
+
+class _Cublas:
+    """CUDA by construction: cuBLAS GEMMs accumulating into one output; Triton only for masks and the Fisher."""
+
+    def __init__(self, concrete: str) -> None:
+        from .kernels import lora as tk  # Triton, for the dropout kernels
+
+        self.tk = tk
+        self.concrete = concrete
+
+    def shrink(self, x, a, scale, p, seed):
+        if p:
+            return self.tk.shrink(x, a, scale, p, seed)
+        u = torch.mm(x, a.t())
+        return u.mul_(scale) if scale != 1.0 else u
+
+    @staticmethod
+    def forward(x, w_t, su, b_t, bias):
+        y = torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
+        return y.addmm_(su, b_t)
+
+    @staticmethod
+    def base_input_grad(dy, w):
+        return torch.mm(dy, w)
+
+    def add_lora_input_grad_(self, out, sg, a, p, seed):
+        if p:
+            return self.tk.expand_accumulate_(out, sg, a, 1.0, p, seed)
+        return out.addmm_(sg, a)
+
+    @staticmethod
+    def fused_input_grad(dy, w, sg, a):
+        return None
+
+    def weight_grad(self, g, x, n, fisher, tw, fs, p, seed):
+        if fisher is None and not p:
+            return torch.mm(g.t(), x)
+        if self.concrete == "cuda" and not p:
+            return weight_grad_impl("cuda")(g, x, n, 1.0, fisher, tw, fs)
+        from .kernels import weight_grad as twg
+
+        return twg.weight_grad_with_fisher(g, x, n, 1.0, fisher, tw, fs, dropout_p=p, seed=seed)
+
+
+class _Triton:
+    """Everything in Triton, the base GEMMs in the concatenated-K kernel (explicit ``backend="triton"``)."""
+
+    def __init__(self) -> None:
+        from .kernels import lora as tk
+        from .kernels import weight_grad as twg
+
+        self.tk, self.twg = tk, twg
+
+    def shrink(self, x, a, scale, p, seed):
+        return self.tk.shrink(x, a, scale, p, seed)
+
+    def forward(self, x, w_t, su, b_t, bias):
+        return self.tk.matmul_concat_k(x, w_t, su, b_t, 1.0, bias)
+
+    def base_input_grad(self, dy, w):
+        return self.tk.matmul_concat_k(dy, w)
+
+    def add_lora_input_grad_(self, out, sg, a, p, seed):
+        return self.tk.expand_accumulate_(out, sg, a, 1.0, p, seed)
+
+    def fused_input_grad(self, dy, w, sg, a):
+        return self.tk.matmul_concat_k(dy, w, sg, a, 1.0)
+
+    def weight_grad(self, g, x, n, fisher, tw, fs, p, seed):
+        return self.twg.weight_grad_with_fisher(g, x, n, 1.0, fisher, tw, fs, dropout_p=p, seed=seed)
+
+
+def _implementation(device: torch.device, dtype: torch.dtype):
+    info = lora_linear_path(device, dtype)
+    if info.path == "torch":
+        return _Torch
+    if info.path == "triton":
+        return _Triton()
+    return _Cublas(info.backend)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -100,19 +319,21 @@ def _lora_linear_op(
     token_weight: Optional[torch.Tensor],
     num_samples: int,
     fisher_scale: float,
+    dropout_p: float,
+    dropout_seed: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    prim = primitives(x.device, x.dtype) if x.shape[0] else _TORCH
+    impl = _implementation(x.device, x.dtype) if x.shape[0] else _Torch
     xl = x if x_lora is None else x_lora
-    u = prim.shrink(xl, lora_a)
+    su = impl.shrink(xl, lora_a, scaling, dropout_p, dropout_seed)  # s drop(x) A^T, [M, R]
     if weight is None:  # adapters only: the caller adds its own (e.g. quantized) base
-        y = prim.shrink(u, lora_b, scaling)
-        return (y + bias if bias is not None else y), u
-    y = prim.matmul_concat_k(x, weight.t(), u, lora_b.t(), scaling, bias)
-    return y, u
+        y = impl.shrink(su, lora_b, 1.0, 0.0, None)
+        return (y + bias if bias is not None else y), su
+    return impl.forward(x, weight.t(), su, lora_b.t(), bias), su
 
 
 @_lora_linear_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, scaling, x_lora, trainable_rows, fisher_a, fisher_b, token_weight, num_samples, fisher_scale):
+def _(x, weight, bias, lora_a, lora_b, scaling, x_lora, trainable_rows, fisher_a, fisher_b, token_weight, num_samples,
+      fisher_scale, dropout_p, dropout_seed):
     return x.new_empty(x.shape[0], lora_b.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
 
 
@@ -126,7 +347,7 @@ def _lora_linear_backward_op(
     weight: Optional[torch.Tensor],
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    u: torch.Tensor,
+    su: torch.Tensor,
     scaling: float,
     trainable_rows: List[int],
     separate_lora_input: bool,
@@ -136,40 +357,49 @@ def _lora_linear_backward_op(
     token_weight: Optional[torch.Tensor],
     num_samples: int,
     fisher_scale: float,
+    dropout_p: float,
+    dropout_seed: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    prim = primitives(grad_y.device, grad_y.dtype) if grad_y.shape[0] else _TORCH
+    impl = _implementation(grad_y.device, grad_y.dtype) if grad_y.shape[0] else _Torch
+    p, seed = dropout_p, dropout_seed
     runs = contiguous_runs(trainable_rows)
     need_g = need_input_grad or bool(runs)
-    g = prim.shrink(grad_y, lora_b.t()) if need_g else None  # [M, R] = dY B
+    sg = impl.shrink(grad_y, lora_b.t(), scaling, 0.0, None) if need_g else None  # s G = s dY B, [M, R]
     dx, dx_lora = _empty(grad_y), _empty(grad_y)
     if need_input_grad:
-        if weight is None:
-            lora_dx = prim.shrink(g, lora_a.t(), scaling)  # s * G A
-            dx, dx_lora = (grad_y.new_zeros(grad_y.shape[0], lora_a.shape[1]), lora_dx) if separate_lora_input else (lora_dx, dx_lora)
-        elif separate_lora_input:
-            dx = prim.matmul_concat_k(grad_y, weight)
-            dx_lora = prim.shrink(g, lora_a.t(), scaling)  # s * G A
+        m, k = grad_y.shape[0], lora_a.shape[1]
+        fused = None
+        if weight is not None and not separate_lora_input and not p:
+            fused = impl.fused_input_grad(grad_y, weight, sg, lora_a)
+        if fused is not None:
+            dx = fused
         else:
-            dx = prim.matmul_concat_k(grad_y, weight, g, lora_a, scaling)
+            base = impl.base_input_grad(grad_y, weight) if weight is not None else grad_y.new_zeros(m, k)
+            if separate_lora_input:
+                dx = base
+                dx_lora = impl.add_lora_input_grad_(grad_y.new_zeros(m, k), sg, lora_a, p, seed)
+            else:
+                dx = impl.add_lora_input_grad_(base, sg, lora_a, p, seed)
     d_a = torch.zeros_like(lora_a)
     d_b = torch.zeros_like(lora_b)
     # An empty batch has zero gradients and adds nothing to the Fisher (and has no samples to split).
     for start, stop in runs if grad_y.shape[0] else []:
-        d_a[start:stop] = prim.weight_grad_with_fisher(
-            g[:, start:stop], x_lora, num_samples, scaling,
-            None if fisher_a is None else fisher_a[start:stop], token_weight, fisher_scale,
+        # dA[run] = (s G[:, run])^T drop(x)
+        d_a[start:stop] = impl.weight_grad(
+            sg[:, start:stop], x_lora, num_samples,
+            None if fisher_a is None else fisher_a[start:stop], token_weight, fisher_scale, p, seed,
         )
-        # dB[:, run] = s dY^T u[:, run]: the same primitive with the roles of g and x swapped.
-        d_b[:, start:stop] = prim.weight_grad_with_fisher(
-            grad_y, u[:, start:stop], num_samples, scaling,
-            None if fisher_b is None else fisher_b[:, start:stop], token_weight, fisher_scale,
+        # dB[:, run] = dY^T (s u)[:, run]: the same primitive with the roles of g and x swapped.
+        d_b[:, start:stop] = impl.weight_grad(
+            grad_y, su[:, start:stop], num_samples,
+            None if fisher_b is None else fisher_b[:, start:stop], token_weight, fisher_scale, 0.0, None,
         )
     return dx, dx_lora, d_a, d_b
 
 
 @_lora_linear_backward_op.register_fake
-def _(grad_y, x_lora, weight, lora_a, lora_b, u, scaling, trainable_rows, separate_lora_input, need_input_grad,
-      fisher_a, fisher_b, token_weight, num_samples, fisher_scale):
+def _(grad_y, x_lora, weight, lora_a, lora_b, su, scaling, trainable_rows, separate_lora_input, need_input_grad,
+      fisher_a, fisher_b, token_weight, num_samples, fisher_scale, dropout_p, dropout_seed):
     m = grad_y.shape[0]
     k = lora_a.shape[1]
     dx = grad_y.new_empty(m, k) if need_input_grad else grad_y.new_empty(_EMPTY_SHAPE)
@@ -182,10 +412,10 @@ def _(grad_y, x_lora, weight, lora_a, lora_b, u, scaling, trainable_rows, separa
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, lora_a, lora_b, scaling, x_lora, trainable_rows,
-     fisher_a, fisher_b, token_weight, num_samples, fisher_scale) = inputs
-    _, u = output
+     fisher_a, fisher_b, token_weight, num_samples, fisher_scale, dropout_p, dropout_seed) = inputs
+    _, su = output
     separate = x_lora is not None
-    ctx.save_for_backward(x_lora if separate else x, weight, lora_a, lora_b, u, token_weight)
+    ctx.save_for_backward(x_lora if separate else x, weight, lora_a, lora_b, su, token_weight, dropout_seed)
     # The Fisher buffers are accumulators the backward writes into, not inputs whose value the
     # backward reads: keep them out of save_for_backward, whose version check would reject a
     # layer applied twice in one graph (both backwards add into the same buffer) or a reset.
@@ -195,10 +425,11 @@ def _setup_context(ctx, inputs, output):
     ctx.separate = separate
     ctx.num_samples = num_samples
     ctx.fisher_scale = fisher_scale
+    ctx.dropout_p = dropout_p
 
 
 def _backward(ctx, grad_y, grad_u):
-    xl, weight, lora_a, lora_b, u, token_weight = ctx.saved_tensors
+    xl, weight, lora_a, lora_b, su, token_weight, seed = ctx.saved_tensors
     fisher_a, fisher_b = ctx.fisher_buffers
     need = ctx.needs_input_grad
     if need[1] or need[2]:
@@ -208,15 +439,15 @@ def _backward(ctx, grad_y, grad_u):
     need_dx = bool(need[0] or (ctx.separate and need[6]))
     rows = ctx.trainable_rows if (need[3] or need[4]) else []
     dx, dxl, d_a, d_b = torch.ops.mage.lora_linear_backward(
-        grad_y.contiguous(), xl, weight, lora_a, lora_b, u, ctx.scaling, rows, ctx.separate, need_dx,
-        fisher_a, fisher_b, token_weight, ctx.num_samples, ctx.fisher_scale,
+        grad_y.contiguous(), xl, weight, lora_a, lora_b, su, ctx.scaling, rows, ctx.separate, need_dx,
+        fisher_a, fisher_b, token_weight, ctx.num_samples, ctx.fisher_scale, ctx.dropout_p, seed,
     )
     return (
         dx if need[0] else None, None, None,
         d_a if need[3] else None, d_b if need[4] else None,
         None,
         dxl if (ctx.separate and need[6]) else None,
-        None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None,
     )
 
 
@@ -240,8 +471,10 @@ def lora_linear(
     fisher_b: Optional[torch.Tensor] = None,
     token_weight: Optional[torch.Tensor] = None,
     fisher_scale: float = 1.0,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Fused ``x W0^T + bias + scaling * (x_lora A^T) B^T`` with a kernel backward.
+    """Fused ``x W0^T + bias + scaling * (drop(x_lora) A^T) B^T`` with a kernel backward.
 
     Args:
         x: input ``[..., K]``; with Fisher buffers, ``[N, T, K]`` (or ``[N, K]``),
@@ -249,8 +482,7 @@ def lora_linear(
         weight, bias: the frozen base linear (``[N_out, K]``, ``[N_out]``).
         lora_a, lora_b: concatenated adapters ``[R, K]`` and ``[N_out, R]``.
         scaling: the LoRA scaling ``s``.
-        x_lora: the adapters' (dropped-out) input, same shape as ``x``; ``None``
-            means ``x`` and lets the backward fuse both input-gradient paths.
+        x_lora: the adapters' input, same shape as ``x``; ``None`` means ``x``.
         trainable_rows: rows of ``lora_a`` (columns of ``lora_b``) whose
             gradient is computed; ``None`` means all ``R``. Rows outside
             ``trainable_rows`` get an all-ZERO gradient in ``lora_a.grad`` /
@@ -265,6 +497,13 @@ def lora_linear(
             (0 for padding); the batch gradient is not affected.
         fisher_scale: factor turning the gradient reaching this op into a
             per-sample gradient (``N`` for a loss averaged over ``N`` samples).
+        dropout_p, dropout_seed: dropout on the adapters' input, ONE mask shared by
+            all adapters: ``drop(x)[m, k] = keep(m, k) * x[m, k] / (1 - p)``, the mask a
+            function of the int64 ``[1]`` seed (:func:`new_dropout_seed`) and the element's
+            index, generated inside the kernels and regenerated in the backward. The
+            Triton kernels (Philox) and the torch backend (``torch.Generator``) draw
+            different masks for one seed (same distribution); see
+            ``mage_kernels.dropout_mask`` for the mask a call used.
     """
     k = x.shape[-1]
     lead = x.shape[:-1]
@@ -273,8 +512,37 @@ def lora_linear(
     xl2 = None if x_lora is None else x_lora.reshape(-1, k)
     rows = list(range(lora_a.shape[0])) if trainable_rows is None else sorted(int(r) for r in trainable_rows)
     tw = None if token_weight is None else token_weight.reshape(-1)
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"lora_linear: dropout_p must be in [0, 1); got {dropout_p}")
+    if p and dropout_seed is None:
+        raise ValueError("lora_linear: dropout_p > 0 needs a dropout_seed (mage_kernels.lora_op.new_dropout_seed)")
     y, _ = torch.ops.mage.lora_linear(
         x2, weight, bias, lora_a, lora_b, float(scaling), xl2, rows,
-        fisher_a, fisher_b, tw, int(num_samples), float(fisher_scale),
+        fisher_a, fisher_b, tw, int(num_samples), float(fisher_scale), p, dropout_seed if p else None,
     )
     return y.reshape(*lead, lora_b.shape[0])
+
+
+def dropout_mask(shape: Sequence[int], p: float, seed: torch.Tensor, path: Optional[str] = None) -> torch.Tensor:
+    """The bool keep-mask ``[*shape]`` a call with this seed used on ``seed.device``.
+
+    ``shape`` is the adapters' input shape (``[..., K]``; the mask is of its 2-D view
+    ``[M, K]``). ``path`` defaults to the one :func:`lora_linear_path` picks now: the
+    Triton paths' Philox mask, or the torch backend's generator mask. For tests and
+    references; the library never materializes it.
+    """
+    shape = tuple(int(s) for s in shape)
+    k = shape[-1] if shape else 1
+    m = 1
+    for s in shape[:-1]:
+        m *= s
+    if path is None:
+        path = lora_linear_path(seed.device, None, dropout=True).path
+    if path == "torch":
+        keep = reference.dropout_keep_mask(m, k, p, seed)
+    else:
+        from .kernels.dropout import dropout_mask as triton_mask
+
+        keep = triton_mask(m, k, p, seed)
+    return keep.reshape(shape)

@@ -2,12 +2,13 @@
 
 These are the ground truth the Triton and CUDA kernels are tested against, and
 the ``"torch"`` backend of the ops (see :mod:`mage_kernels.backends`). They favour
-clarity over speed. Formulas follow ``SPEC.md`` (the project's algorithm spec):
+clarity over speed. Formulas follow ``ALGORITHM.md`` (the project's algorithm spec):
 
-* section 1: the four-adapter LoRA sum ``y = x W0^T + b + s * sum_k B_k A_k x``;
-* section 2: per-sample squared-gradient Fisher diagonal;
-* section 3: PEMA, the damped elementwise EMA update;
-* section 4: DEMA (CIA), the layer-wise EMA baseline.
+* §1: the four-adapter LoRA sum ``y = x W0^T + b + s * sum_k B_k A_k drop(x)``, and the
+  dropout mask of the ``torch`` backend (:func:`dropout_keep_mask`);
+* §2: per-sample squared-gradient Fisher diagonal;
+* §3: PEMA, the damped elementwise EMA update;
+* §4: DEMA (CIA), the layer-wise EMA baseline.
 
 Notation used throughout: ``M`` tokens (rows of ``x``), ``K`` the input width
 ``d_in``, ``N`` the output width ``d_out``, ``R = num_adapters * r`` the total
@@ -23,6 +24,8 @@ import torch
 
 __all__ = [
     "lora_linear",
+    "dropout_keep_mask",
+    "dropout",
     "shrink",
     "matmul_concat_k",
     "weight_grad_with_fisher",
@@ -53,6 +56,28 @@ def lora_linear(
     if bias is not None:
         y = y + bias
     return y + scaling * ((xl @ lora_a.t()) @ lora_b.t())
+
+
+def dropout_keep_mask(m: int, k: int, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """The ``torch`` backend's ``[m, k]`` bool keep-mask for the int64 ``seed`` (ALGORITHM.md §1).
+
+    ``keep = U >= p`` with ``U`` float32 uniforms drawn by a ``torch.Generator`` of the
+    seed's device seeded with ``seed``: the same seed gives the same mask (the
+    backward regenerates it; nothing is stored), kept fraction ``1 - p``. The Triton
+    kernels draw their mask from the same seed with Philox in the kernel
+    (:mod:`mage_kernels.kernels.dropout`): same semantics and distribution, but NOT
+    the same bits, so the two backends drop different elements for one seed.
+    """
+    gen = torch.Generator(device=seed.device)
+    gen.manual_seed(int(seed.reshape(-1)[0].item()))
+    return torch.rand((m, k), generator=gen, device=seed.device, dtype=torch.float32) >= p
+
+
+def dropout(x: torch.Tensor, p: float, seed: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``drop(x) = keep * x / (1 - p)`` for a 2-D ``x`` (``keep`` defaults to :func:`dropout_keep_mask`)."""
+    if keep is None:
+        keep = dropout_keep_mask(x.shape[0], x.shape[1], p, seed)
+    return torch.where(keep, x / (1.0 - p), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

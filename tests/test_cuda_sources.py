@@ -240,7 +240,7 @@ def test_extension_loads_and_matches_python_schemas(compiled, tmp_path):
 def test_schema_comparison_reports_differences():
     """schema_mismatches() itself: identical schemas pass, a changed type / mutation / missing op is named."""
     from mage_kernels import cuda_extension
-    from mage_kernels.kernels.weight_grad import OP_SCHEMA
+    from mage_kernels.weight_grad_op import OP_SCHEMA
 
     lib = torch.library.Library("mage_schema_probe", "DEF")  # noqa: F841  (kept alive for the test)
     lib.define("weight_grad_with_fisher" + OP_SCHEMA)

@@ -120,8 +120,10 @@ def test_dropout_mask_is_shared_by_the_four_adapters():
             layer.lora_B[k].copy_(layer.lora_B[0])
     torch.manual_seed(7)
     y = layer(x)
-    torch.manual_seed(7)
-    mask = nn.functional.dropout(torch.ones_like(x), 0.5, training=True)
+    torch.manual_seed(7)  # replay the layer's seed draw and regenerate its mask
+    seed = mk.lora_op.new_dropout_seed(x.device)
+    mask = mk.dropout_mask(x.shape, 0.5, seed).to(x.dtype) / 0.5
+    assert 0 < int(mask.count_nonzero()) < mask.numel()
     one = layer.scaling * (x * mask) @ layer.lora_A[0].t() @ layer.lora_B[0].t()
     torch.testing.assert_close(y, layer.base(x) + 4 * one)
 

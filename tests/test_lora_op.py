@@ -1,31 +1,50 @@
-"""The full ``mage::lora_linear`` op and ``MageLinear`` on the triton and torch backends.
+"""The full ``mage::lora_linear`` op and ``MageLinear`` on its three paths.
+
+Paths (``mage_kernels.lora_linear_path``): ``cublas`` (the CUDA default: torch.mm /
+addmm GEMMs accumulating into one output, Triton only for the dropout mask and the
+Fisher), ``triton`` (explicit backend: the concatenated-K Triton GEMM) and ``torch``
+(the reference). On CPU the ``cublas`` path is forced with ``lora_op.use_path`` and its
+Triton kernels run in the interpreter.
 
 Everything is compared with autograd of ``reference.lora_linear`` evaluated in
-float64 (SPEC section 1): y, dx, dA_k, dB_k for every trainable-adapter mask of
-the SPEC's table, all-trainable and none-trainable, with and without a separate
-dropout input and a bias. Frozen adapters must get no gradient at all. The
+float64 (ALGORITHM.md §1): y, dx, dA_k, dB_k for every trainable-adapter mask of
+the table, all-trainable and none-trainable, with and without a separate
+adapter input, in-kernel dropout (the reference uses the regenerated mask of the
+call's seed) and a bias. Frozen adapters must get no gradient at all. The
 Fisher buffers the op fills in its backward are compared with per-sample
-gradients from ``torch.func.vmap(torch.func.grad(...))`` (SPEC section 2).
-Both backends run on the ``device`` fixture (tests/conftest.py): CPU tensors and
+gradients from ``torch.func.vmap(torch.func.grad(...))`` (ALGORITHM.md §2).
+All paths run on the ``device`` fixture (tests/conftest.py): CPU tensors and
 Triton's interpreter, or CUDA tensors and the compiled Triton kernels on a GPU
 machine (the float64 references then run on the GPU too).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Dict, List, Optional, Sequence
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mage_kernels
 from mage_kernels import MageLinear, reference
-from mage_kernels.kernels import weight_grad  # noqa: F401  (registers mage::weight_grad_with_fisher)
+from mage_kernels import lora_op
 from mage_kernels.lora_op import lora_linear
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["cublas", "triton", "torch"]  # paths of mage::lora_linear (see on_path)
+
+
+@contextlib.contextmanager
+def on_path(name: str):
+    """Run the enclosed calls on one path: ``triton``/``torch`` are backends, ``cublas`` is forced."""
+    if name == "cublas":
+        with lora_op.use_path("cublas"):
+            yield
+    else:
+        with mage_kernels.use_backend(name):
+            yield
+
 # The SPEC's table, then all and none.
 MASKS = [(0, 1, 2), (0, 3), (0, 1, 3), (0, 1, 2, 3), ()]
 REL_TOL = 2e-5  # fp32 op vs float64 reference, relative to the largest reference entry
@@ -60,13 +79,21 @@ class Problem:
         self.x = torch.randn(NUM_SAMPLES, TOKENS, D_IN, **kw)
         self.grad_y = torch.randn(NUM_SAMPLES, TOKENS, D_OUT, **kw)
         self.keep = (torch.rand(NUM_SAMPLES, TOKENS, D_IN, device=device) > DROP_P).to(dtype) / (1 - DROP_P)
+        self.seed = lora_op.new_dropout_seed(device)
 
-    def reference_grads(self, dropout: bool) -> Dict[str, object]:
-        """y and gradients of every input by autograd of the float64 reference."""
+    def seeded_keep(self, path: str) -> torch.Tensor:
+        """float64 keep / (1 - p) of the in-kernel mask this path draws for self.seed."""
+        keep = mage_kernels.dropout_mask(self.x.shape, DROP_P, self.seed, path="torch" if path == "torch" else path)
+        return keep.double() / (1 - DROP_P)
+
+    def reference_grads(self, dropout: bool, keep: Optional[torch.Tensor] = None) -> Dict[str, object]:
+        """y and gradients of every input by autograd of the float64 reference (``keep``: a seeded mask)."""
         x = self.x.double().requires_grad_()
         a = [t.double().requires_grad_() for t in self.a]
         b = [t.double().requires_grad_() for t in self.b]
         x_lora = x * self.keep.double() if dropout else None
+        if keep is not None:
+            x_lora = x * keep
         y = reference.lora_linear(
             x, self.weight.double(), None if self.bias is None else self.bias.double(),
             torch.cat(a, 0), torch.cat(b, 1), SCALING, x_lora,
@@ -74,14 +101,15 @@ class Problem:
         y.backward(self.grad_y.double())
         return {"y": y.detach(), "dx": x.grad, "da": [t.grad for t in a], "db": [t.grad for t in b]}
 
-    def run_op(self, trainable: Sequence[int], dropout: bool, **fisher) -> Dict[str, object]:
+    def run_op(self, trainable: Sequence[int], dropout: bool, seeded: bool = False, **fisher) -> Dict[str, object]:
         x = self.x.clone().requires_grad_()
         a = [t.clone().requires_grad_(k in trainable) for k, t in enumerate(self.a)]
         b = [t.clone().requires_grad_(k in trainable) for k, t in enumerate(self.b)]
         x_lora = x * self.keep if dropout else None
+        drop = dict(dropout_p=DROP_P, dropout_seed=self.seed) if seeded else {}
         y = lora_linear(
             x, self.weight, self.bias, torch.cat(a, 0), torch.cat(b, 1), SCALING,
-            x_lora=x_lora, trainable_rows=rows_of(trainable), **fisher,
+            x_lora=x_lora, trainable_rows=rows_of(trainable), **drop, **fisher,
         )
         y.backward(self.grad_y)
         return {"y": y.detach(), "dx": x.grad, "da": [t.grad for t in a], "db": [t.grad for t in b]}
@@ -107,15 +135,91 @@ def check_against_reference(got, expected, trainable) -> None:
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 def test_op_matches_float64_reference(backend, trainable, dropout, with_bias, device):
     problem = Problem(with_bias, device)
-    with mage_kernels.use_backend(backend):
+    with on_path(backend):
         got = problem.run_op(trainable, dropout)
     check_against_reference(got, problem.reference_grads(dropout), trainable)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("trainable", MASKS, ids=lambda m: "adapters" + "".join(map(str, m)) if m else "frozen")
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_in_kernel_dropout_matches_float64_reference_with_the_regenerated_mask(backend, trainable, with_bias,
+                                                                                 device):
+    """Dropout from a seed (mask made in the kernels, regenerated in the backward): y, dx, dA, dB equal
+    the float64 reference applied with the same mask, regenerated from the seed."""
+    problem = Problem(with_bias, device)
+    with on_path(backend):
+        got = problem.run_op(trainable, dropout=False, seeded=True)
+        keep = problem.seeded_keep(backend)
+    frac = float((keep != 0).double().mean())
+    assert 0.5 < frac < 0.95, f"kept fraction {frac} for p={DROP_P}"  # the mask really drops something
+    check_against_reference(got, problem.reference_grads(False, keep=keep), trainable)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_kernel_dropout_with_fisher_and_a_separate_adapter_input(backend, device):
+    """Seeded dropout on top of x_lora, with the Fisher: the Fisher squares per-sample gradients of drop(x_lora)."""
+    problem = Problem(True, device)
+    trainable = (0, 1, 3)
+    fisher_a = torch.zeros(NUM_ADAPTERS * RANK, D_IN, device=device)
+    fisher_b = torch.zeros(D_OUT, NUM_ADAPTERS * RANK, device=device)
+    with on_path(backend):
+        got = problem.run_op(trainable, dropout=True, seeded=True, fisher_a=fisher_a, fisher_b=fisher_b)
+        keep = problem.seeded_keep(backend)
+    x = problem.x.double().requires_grad_()
+    a = [t.double().requires_grad_() for t in problem.a]
+    b = [t.double().requires_grad_() for t in problem.b]
+    y = reference.lora_linear(x, problem.weight.double(), problem.bias.double(), torch.cat(a, 0), torch.cat(b, 1),
+                              SCALING, x * problem.keep.double() * keep)
+    y.backward(problem.grad_y.double())
+    assert_close_rel(got["y"], y.detach())
+    assert_close_rel(got["dx"], x.grad)
+    for k in trainable:
+        assert_close_rel(got["da"][k], a[k].grad)
+        assert_close_rel(got["db"][k], b[k].grad)
+    saved_keep = problem.keep
+    problem.keep = saved_keep * keep.to(saved_keep.dtype)  # the adapters' input: drop(x * keep0)
+    exp_a, exp_b = per_sample_fisher_by_vmap(problem, True, None)
+    problem.keep = saved_keep
+    rows = rows_of(trainable)
+    assert_close_rel(fisher_a[rows], exp_a[rows])
+    assert_close_rel(fisher_b[:, rows], exp_b[:, rows])
+
+
+@pytest.mark.parametrize("path", ["cublas", "triton"])
+def test_in_kernel_dropout_keeps_one_minus_p_and_scales_by_its_inverse(path, device):
+    """The Philox mask: kept fraction 1 - p (within 5 sigma), kept entries scaled by exactly 1 / (1 - p),
+    the same mask for the same seed, a different one for another seed."""
+    p, m, k = 0.3, 96, 160
+    x = torch.rand(m, k, device=device) + 0.5  # no zeros: a zero output means dropped
+    eye_a = torch.eye(k, device=device)
+    seed = lora_op.new_dropout_seed(device)
+    with on_path(path):
+        u = lora_linear(x, None, None, eye_a, torch.eye(k, device=device), 1.0, dropout_p=p, dropout_seed=seed)
+        keep = mage_kernels.dropout_mask((m, k), p, seed)
+        other = mage_kernels.dropout_mask((m, k), p, lora_op.new_dropout_seed(device))
+    kept = u != 0
+    assert torch.equal(kept, keep), "the forward's mask differs from the regenerated one"
+    frac = kept.double().mean().item()
+    sigma = (p * (1 - p) / (m * k)) ** 0.5
+    assert abs(frac - (1 - p)) < 5 * sigma, f"kept {frac:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+    torch.testing.assert_close(u[kept], x[kept] / (1 - p), rtol=2e-6, atol=0)
+    assert not torch.equal(keep, other)
+    assert 0.25 < (keep != other).double().mean().item() < 0.6  # independent masks differ in ~2p(1-p)
+
+
+def test_torch_backend_dropout_mask_is_reproducible_from_the_seed():
+    p = 0.2
+    seed = lora_op.new_dropout_seed(torch.device("cpu"))
+    a = mage_kernels.dropout_mask((40, 33), p, seed, path="torch")
+    b = mage_kernels.dropout_mask((40, 33), p, seed, path="torch")
+    assert torch.equal(a, b) and 0.7 < a.double().mean().item() < 0.9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_op_float16(backend, device):
     problem = Problem(True, device, dtype=torch.float16)
-    with mage_kernels.use_backend(backend):
+    with on_path(backend):
         got = problem.run_op((0, 1, 3), dropout=True)
     expected = problem.reference_grads(dropout=True)
     for key in ("y", "dx"):
@@ -133,7 +237,7 @@ def test_non_contiguous_input(backend, device):
     x_t = problem.x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
     assert not x_t.is_contiguous()
     problem.x = x_t
-    with mage_kernels.use_backend(backend):
+    with on_path(backend):
         got = problem.run_op((0, 3), dropout=False)
     check_against_reference(got, problem.reference_grads(False), (0, 3))
 
@@ -148,7 +252,7 @@ def test_adapters_only_without_base_weight(backend, dropout, device):
     a = torch.cat(problem.a, 0).requires_grad_()
     b = torch.cat(problem.b, 1).requires_grad_()
     x_lora = x * problem.keep if dropout else None
-    with mage_kernels.use_backend(backend):
+    with on_path(backend):
         y = lora_linear(x, None, problem.bias, a, b, SCALING, x_lora=x_lora)
         y.backward(problem.grad_y)
     expected = problem.reference_grads(dropout)
@@ -172,7 +276,7 @@ def test_empty_batch(backend, device):
     b = torch.cat(problem.b, 1).requires_grad_()
     fisher_a, fisher_b = torch.rand(a.shape, device=device), torch.rand(b.shape, device=device)
     before = fisher_a.clone(), fisher_b.clone()
-    with mage_kernels.use_backend(backend):
+    with on_path(backend):
         y = lora_linear(x, problem.weight, problem.bias, a, b, SCALING, fisher_a=fisher_a, fisher_b=fisher_b)
         y.sum().backward()
     assert y.shape == (0, TOKENS, D_OUT)
@@ -214,7 +318,7 @@ def test_fisher_through_the_op_matches_vmap_per_sample_gradients(backend, paddin
     fisher_a = torch.rand(NUM_ADAPTERS * RANK, D_IN, device=device)
     fisher_b = torch.rand(D_OUT, NUM_ADAPTERS * RANK, device=device)
     start_a, start_b = fisher_a.clone(), fisher_b.clone()
-    with mage_kernels.use_backend(backend):
+    with on_path(backend):
         got = problem.run_op(trainable, True, fisher_a=fisher_a, fisher_b=fisher_b, token_weight=token_weight)
     # The batch gradient is unaffected by the Fisher and its token weights.
     check_against_reference(got, problem.reference_grads(True), trainable)
@@ -234,7 +338,7 @@ def test_fisher_accumulates_over_micro_batches_like_the_reference(backend, devic
     second.weight, second.a, second.b = first.weight, first.a, first.b  # the same layer, new data
     fisher_a = torch.zeros(NUM_ADAPTERS * RANK, D_IN, device=device)
     fisher_b = torch.zeros(D_OUT, NUM_ADAPTERS * RANK, device=device)
-    with mage_kernels.use_backend(backend):
+    with on_path(backend):
         for p in (first, second):
             p.run_op((0, 3), False, fisher_a=fisher_a, fisher_b=fisher_b, fisher_scale=2.0)
     ref_a = torch.zeros_like(fisher_a, dtype=torch.float64)
@@ -275,11 +379,12 @@ def test_mage_linear_with_dropout_matches_reference(backend, device):
     x = torch.randn(NUM_SAMPLES, TOKENS, D_IN, requires_grad=True, device=device)
     grad_y = torch.randn(NUM_SAMPLES, TOKENS, D_OUT, device=device)
     torch.manual_seed(99)
-    with mage_kernels.use_backend(backend):
+    with on_path(backend):
         y = layer(x)
         y.backward(grad_y)
-    torch.manual_seed(99)  # replay the layer's dropout draw: one mask shared by all adapters
-    keep = (F.dropout(torch.ones_like(x), DROP_P, training=True) != 0).double() / (1 - DROP_P)
+        torch.manual_seed(99)  # replay the layer's seed draw; its mask is shared by all adapters
+        seed = lora_op.new_dropout_seed(x.device)
+        keep = mage_kernels.dropout_mask(x.shape, DROP_P, seed).double() / (1 - DROP_P)
 
     xd = x.detach().double().requires_grad_()
     a = [p.detach().double().requires_grad_() for p in layer.lora_A]
@@ -306,7 +411,7 @@ def test_frozen_adapters_keep_their_values_after_an_optimizer_step(backend, opti
     opt = (torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1) if optimizer == "sgd"
            else torch.optim.AdamW(params, lr=0.1, weight_decay=0.1))
     x = torch.randn(NUM_SAMPLES, TOKENS, D_IN, device=device)
-    with mage_kernels.use_backend(backend):
+    with on_path(backend):
         for _ in range(2):
             opt.zero_grad()
             layer(x).pow(2).mean().backward()
@@ -377,7 +482,8 @@ def _op_args(with_fisher: bool):
     fa = torch.zeros(r, k) if with_fisher else None
     fb = torch.zeros(n, r) if with_fisher else None
     tw = torch.ones(m) if with_fisher else None
-    return (x, weight, bias, a, b, 0.5, x_lora, [0, 1, 5, 6], fa, fb, tw, 2, 1.0)
+    seed = torch.tensor([12345], dtype=torch.int64)
+    return (x, weight, bias, a, b, 0.5, x_lora, [0, 1, 5, 6], fa, fb, tw, 2, 1.0, 0.25, seed)
 
 
 @pytest.mark.parametrize("with_fisher", [False, True])
@@ -389,7 +495,8 @@ def test_opcheck_lora_linear(with_fisher):
 def test_opcheck_lora_linear_backward():
     m, k, n, r = 6, 9, 7, 8
     args = (torch.randn(m, n), torch.randn(m, k), torch.randn(n, k), torch.randn(r, k), torch.randn(n, r),
-            torch.randn(m, r), 0.5, [0, 1, 5], True, True, torch.zeros(r, k), torch.zeros(n, r), None, 3, 1.0)
+            torch.randn(m, r), 0.5, [0, 1, 5], True, True, torch.zeros(r, k), torch.zeros(n, r), None, 3, 1.0,
+            0.25, torch.tensor([7], dtype=torch.int64))
     with mage_kernels.use_backend("torch"):
         torch.library.opcheck(torch.ops.mage.lora_linear_backward.default, args)
 

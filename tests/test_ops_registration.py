@@ -62,10 +62,10 @@ def test_schema_string_is_the_documented_one():
         "(Tensor g, Tensor x, int num_samples, float scale, Tensor(a!)? fisher, "
         "Tensor? token_weight, float fisher_scale) -> Tensor"
     )
-    from mage_kernels.kernels import weight_grad as triton_wg  # backward-compatible re-exports
+    # The Triton kernel module does not import the op module (no import circle): it has no op names.
+    from mage_kernels.kernels import weight_grad as triton_wg
 
-    assert triton_wg.OP_SCHEMA is mk.weight_grad_op.OP_SCHEMA
-    assert triton_wg.weight_grad_with_fisher_op is mk.weight_grad_op.weight_grad_with_fisher_op
+    assert not hasattr(triton_wg, "OP_SCHEMA") and not hasattr(triton_wg, "weight_grad_with_fisher_op")
 
 
 _NO_TRITON_STEP = """

@@ -17,6 +17,7 @@ import torch
 
 import mage_kernels
 from mage_kernels import reference
+from mage_kernels import weight_grad_op
 from mage_kernels.kernels import weight_grad as wg
 
 REL_TOL = {torch.float32: 2e-6, torch.float16: 2e-3}
@@ -28,8 +29,9 @@ FISHER_REL_TOL = {torch.float32: 5e-6, torch.float16: 5e-6}
 FISHER_REL_TOL_WEIGHTED_FP16 = 3e-3
 DTYPES = [torch.float32, torch.float16]
 
-# (num_samples, tokens per sample T, P, Q): ragged; T=1 is "one token per sample".
-SHAPES = [(5, 7, 13, 29), (3, 1, 8, 50), (1, 20, 24, 17), (4, 33, 3, 40)]
+# (num_samples, tokens per sample T, P, Q): ragged. T=1 is "one token per sample" (the GEMM of
+# squares), T <= 64 one tile per sample, T = 70 the per-sample loop over token tiles.
+SHAPES = [(5, 7, 13, 29), (3, 1, 8, 50), (37, 1, 5, 19), (1, 20, 24, 17), (4, 33, 3, 40), (2, 70, 9, 21)]
 
 
 def assert_close_rel(out: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
@@ -94,6 +96,41 @@ def test_gradient_and_fisher_match_reference_and_brute_force(dtype, n, t, p, q, 
     bf_grad, bf_increment = brute_force(g, x, n, 0.5, w, 3.0)
     assert_close_rel(grad, bf_grad, REL_TOL[dtype])
     assert_close_rel(fisher - start, bf_increment, fisher_tol)
+
+
+@pytest.mark.parametrize("t", [1, 6, 70], ids=["T1-squares", "T6-one-tile", "T70-loop"])
+@pytest.mark.parametrize("padding", [False, True])
+def test_in_kernel_dropout_of_x_matches_reference_with_the_regenerated_mask(t, padding, device):
+    """``x`` is the adapters' input: with a seed the kernel uses drop(x) (mask made in the kernel);
+    the reference gets the mask regenerated from the same seed."""
+    from mage_kernels.kernels.dropout import dropout_mask
+
+    n, p, q, drop = 4, 7, 45, 0.3
+    g, x, w = make_inputs(n, t, p, q, torch.float32, padding, device)
+    seed = torch.tensor([987654321], dtype=torch.int64, device=device)
+    fisher = torch.rand(p, q, device=device)
+    start = fisher.clone()
+    grad = wg.weight_grad_with_fisher(g, x, n, 0.5, fisher, w, 3.0, dropout_p=drop, seed=seed)
+    keep = dropout_mask(x.shape[0], q, drop, seed)
+    assert 0.5 < keep.double().mean().item() < 0.9
+    x_drop = x.double() * keep.double() / (1 - drop)
+    bf_grad, bf_fisher = brute_force(g, x_drop, n, 0.5, w, 3.0)
+    assert_close_rel(grad, bf_grad, REL_TOL[torch.float32])
+    assert_close_rel(fisher - start, bf_fisher, FISHER_REL_TOL[torch.float32])
+    plain = wg.weight_grad_with_fisher(g, x, n, 0.5, dropout_p=drop, seed=seed)  # no Fisher: the plain kernel
+    assert_close_rel(plain, bf_grad, REL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_one_token_samples_split_over_the_token_axis(splits, device):
+    """T = 1: the GEMM of squares splits its token axis over programs; the sums are the same."""
+    g, x, w = make_inputs(75, 1, 6, 33, torch.float32, True, device)
+    fisher = torch.rand(6, 33, device=device)
+    start = fisher.clone()
+    grad = wg.weight_grad_with_fisher(g, x, 75, 0.8, fisher, w, 2.0, _splits=splits)
+    bf_grad, bf_fisher = brute_force(g, x, 75, 0.8, w, 2.0)
+    assert_close_rel(grad, bf_grad, 2e-6)
+    assert_close_rel(fisher - start, bf_fisher, 5e-6)
 
 
 def test_fisher_is_not_the_square_of_the_batch_gradient(device):
@@ -216,7 +253,7 @@ def test_op_dispatches_to_the_selected_backend(backend, device):
     g, x, w = make_inputs(4, 3, 6, 10, torch.float32, True, device)
     fisher = torch.zeros(6, 10, device=device)
     with mage_kernels.use_backend(backend):
-        grad = wg.weight_grad_with_fisher_op(g, x, 4, 0.5, fisher, w, 2.0)
+        grad = weight_grad_op.weight_grad_with_fisher_op(g, x, 4, 0.5, fisher, w, 2.0)
     bf_grad, bf_fisher = brute_force(g, x, 4, 0.5, w, 2.0)
     assert_close_rel(grad, bf_grad, 2e-6)
     assert_close_rel(fisher, bf_fisher, 5e-6)
@@ -224,7 +261,7 @@ def test_op_dispatches_to_the_selected_backend(backend, device):
 
 def test_op_schema_is_the_documented_one():
     schema = str(torch.ops.mage.weight_grad_with_fisher.default._schema)
-    assert schema == "mage::weight_grad_with_fisher" + wg.OP_SCHEMA
+    assert schema == "mage::weight_grad_with_fisher" + weight_grad_op.OP_SCHEMA
 
 
 def test_opcheck_with_torch_backend():
