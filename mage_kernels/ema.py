@@ -35,6 +35,13 @@ rounded to a bf16/fp16 parameter dtype); the one implementation is
 :func:`mage_kernels.reference.dema_step_`.
 Persistent state: ``theta*`` AND ``g_prev``. ``g_prev`` starts as zeros at the
 task start, so the first step has ``c = |g|_1``.
+
+Distributed training (ALGORITHM.md §7): under DDP every rank holds the whole
+state; under FSDP2 (DTensor parameters, detected) and DeepSpeed ZeRO
+(``sharding=mage_kernels.integrations.deepspeed.ZeroSharding(engine)``) each rank
+holds and updates only its part of ``theta*`` / ``g_prev`` (see
+:mod:`mage_kernels.sharding`); DEMA's norms and the counters are summed over the
+ranks, ``state_dict`` gathers whole tensors.
 """
 
 from __future__ import annotations

@@ -40,6 +40,14 @@ the per-sample gradient of ``sum_{t: w=1} loss_nt``; when the loss already
 masks the padding, a 0/1 weight changes nothing. The weights are captured at
 the forward pass, so the context only needs to enclose the forward.
 
+Distributed training (ALGORITHM.md §7): each rank accumulates its own samples
+into whole per-layer buffers (also under FSDP2 and DeepSpeed ZeRO-3, whose
+backward runs on the unsharded adapters), and :meth:`Fisher.sync` sums the
+buffers and the counts over the data-parallel ranks, so ``F`` is over the global
+batch on every rank. A sharded update reads only its rank's slice
+(:meth:`Fisher.for_parameters` with ``parts``). The Fisher may be created before
+``fully_shard`` replaces the parameters by DTensors.
+
 Counting samples: ``num_samples`` grows by ``N`` once per forward of the model
 whose gradient actually reaches the layers in a backward (counted when the
 backward runs, so forward passes without backward do not count). A new forward
@@ -117,6 +125,12 @@ class Fisher:
             self._hooks.append(layer.register_forward_pre_hook(self._layer_pre_hook))
             self._hooks.append(layer.register_forward_hook(self._layer_post_hook))
         self._index_parameters()
+
+    @staticmethod
+    def _holds(where: Tuple[MageLinear, str, int], p: torch.Tensor) -> bool:
+        layer, kind, k = where
+        plist = layer.lora_A if kind == "a" else layer.lora_B
+        return plist._parameters.get(str(k)) is p
 
     def _index_parameters(self) -> None:
         """Map each adapter parameter object to its (layer, kind, k).
@@ -306,7 +320,7 @@ class Fisher:
         views = []
         for i, p in enumerate(params):
             where = self._param_index.get(id(p))
-            if where is None:
+            if where is None or not self._holds(where, p):  # replaced (a freed object's id may be reused)
                 self._index_parameters()
                 where = self._param_index.get(id(p))
             if where is None:

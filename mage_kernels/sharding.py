@@ -75,8 +75,10 @@ class LocalPart:
 
     #: How to hand this engine's gradients to ``update()`` (ends the missing-gradient error).
     grad_advice: str = (
-        "call update() after backward() and optimizer.step() but before zero_grad(), or pass "
-        "update(..., grads={name: grad})"
+        "call update() after backward() and optimizer.step() but before zero_grad(); an engine that keeps "
+        "gradients in its own buffers needs them passed: update(..., grads={name: grad}) (DeepSpeed ZeRO: create "
+        "the object with sharding=mage_kernels.integrations.deepspeed.ZeroSharding(engine)); and create the object "
+        "after wrapping the model (fully_shard and deepspeed.initialize replace or move the parameters)"
     )
 
     def __init__(self, name: str, shape: Sequence[int]) -> None:

@@ -237,9 +237,10 @@ def _zero(stage: int, rank: int, world: int) -> Dict[str, object]:
     config = {
         "train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
         "gradient_accumulation_steps": 1, "gradient_clipping": CLIP, "steps_per_print": 10 ** 9,
-        "zero_allow_untested_optimizer": True,
-        # ZeRO-3: partition even these tiny tensors (the default keeps tensors < 1e5 elements whole)
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        # ZeRO-3 keeps tensors below the threshold whole on every rank ("persistent"; default 1e5
+        # elements): at 100 the 64-element adapters persist and the 128-element ones are partitioned,
+        # so both kinds are covered
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 100},
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     fisher = mk.Fisher(engine.module, loss_reduction="mean")
@@ -262,6 +263,8 @@ def _zero(stage: int, rank: int, world: int) -> Dict[str, object]:
     out.update(out_err)
     out["sharded_params"] = (all(hasattr(p, "ds_id") for p in params) if stage == 3
                              else all(hasattr(p, "_hp_mapping") for p in params))
+    if stage == 3:
+        out["persistent"] = sorted({bool(p.ds_persist) for p in params})
     pema.start_task()
     _checkpoint_roundtrip(engine.module, forward, batches[STEPS], out, master=safe_get_full_fp32_param)
     _ema_roundtrip(pema, out)

@@ -68,6 +68,8 @@ def test_engine_matches_one_process_on_the_global_batch(runs, single, engine):
     r0, r1 = _ranks(runs, engine)
     if engine in SHARDED:
         assert r0["sharded_params"] and r1["sharded_params"]
+    if engine == "zero3":  # both kinds of ZeRO-3 parameter: partitioned, and persistent (kept whole)
+        assert r0["persistent"] == [False, True]
     assert r0["names"] == r1["names"] == single["names"]
     # F of every step: over the global batch, whole and identical on both ranks
     for step, want in enumerate(single["F"]):
@@ -185,3 +187,34 @@ def test_zero_sharding_refuses_what_is_not_a_zero_engine():
         ZeroSharding(Stage0())
     with pytest.raises(TypeError, match="Sharding"):
         mk.PEMA(h.build_model(), sharding=object())
+
+
+def test_fisher_finds_adapter_parameters_replaced_after_it_was_made():
+    """fully_shard swaps every parameter object for a DTensor; a Fisher made before still finds them."""
+    layer = mk.MageLinear(6, 5, r=2, dropout=0.0)
+    layer.set_trainable([0, 3])
+    fisher = mk.Fisher(layer)
+    with torch.no_grad():
+        for k in (0, 3):  # new parameter objects, as a wrapper would install
+            layer.lora_A._parameters[str(k)] = torch.nn.Parameter(layer.lora_A[k].detach().clone())
+            layer.lora_B._parameters[str(k)] = torch.nn.Parameter(torch.randn(5, 2))
+    fisher.reset()
+    layer(torch.randn(3, 4, 6)).pow(2).mean(-1).mean(-1).mean().backward()
+    got = fisher.for_parameters([layer.lora_A[3], layer.lora_B[0]])
+    values = fisher.values()
+    assert torch.equal(got[0], values["lora_A.3"]) and torch.equal(got[1], values["lora_B.0"])
+    assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0
+    with pytest.raises(KeyError, match="not an adapter parameter"):
+        fisher.for_parameters([torch.nn.Parameter(torch.zeros(2, 6))])
+
+
+def test_a_gradient_of_the_wrong_shape_is_refused_naming_the_tensor():
+    layer = mk.MageLinear(6, 5, r=2, dropout=0.0)
+    layer.set_trainable([1])
+    pema = mk.PEMA(layer)
+    layer(torch.randn(2, 6)).sum().backward()
+    bad = {n: p.grad for n, p in zip(pema.names, pema.params)}
+    bad["lora_B.1"] = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match=r"gradient of lora_B\.1 has shape \(2, 5\), expected \(5, 2\)"):
+        pema.update({n: torch.zeros_like(p) for n, p in zip(pema.names, pema.params)}, grads=bad)
+    assert pema.steps == 0
