@@ -177,7 +177,8 @@ class ZeroSharding(Sharding):
         self.engine = engine
         self.stage = stage
         self._zero = zero
-        self._flats: Dict[int, List[Tuple[_ZeroPart, int]]] = {}
+        # id(flat fp32 partition) -> (that tensor, kept alive so its id stays its own; [(part, offset)])
+        self._flats: Dict[int, Tuple[torch.Tensor, List[Tuple[_ZeroPart, int]]]] = {}
         self._parts: Dict[int, _ZeroPart] = {}
         self._last_capture = -1
         self._hook = base.register_step_post_hook(self._capture)
@@ -215,7 +216,7 @@ class ZeroSharding(Sharding):
             flat = zero.fp32_partitioned_groups_flat[group_idx]
             hp = flat.narrow(0, int(dest), n)
             part: _ZeroPart = _PartitionPart(name, p, self, p.ds_shape, start, n, hp, group)
-            self._flats.setdefault(id(flat), []).append((part, int(dest)))
+            self._flats.setdefault(id(flat), (flat, []))[1].append((part, int(dest)))
             return part
         if not hasattr(p, "_hp_mapping"):
             raise self._not_in_engine(name)
@@ -226,7 +227,7 @@ class ZeroSharding(Sharding):
         flat = self._zero.single_partition_of_fp32_groups[mapping.param_group_index]
         part = _FragmentPart(name, p, self, p.shape, mapping.lp_fragment_address.start,
                              mapping.lp_fragment_address.numel, mapping.hp_fragment, group)
-        self._flats.setdefault(id(flat), []).append((part, int(mapping.hp_fragment_address.start)))
+        self._flats.setdefault(id(flat), (flat, []))[1].append((part, int(mapping.hp_fragment_address.start)))
         return part
 
     # ------------------------------------------------------------------ gradients
@@ -237,10 +238,10 @@ class ZeroSharding(Sharding):
         self._last_capture = step
         for group in optimizer.param_groups:
             for flat in group["params"]:
-                entries = self._flats.get(id(flat))
-                if not entries or flat.grad is None:
+                held = self._flats.get(id(flat))
+                if held is None or held[0] is not flat or flat.grad is None:
                     continue
-                for part, offset in entries:
+                for part, offset in held[1]:
                     part._store(flat.grad.narrow(0, offset, part.n), step)
 
     def _captured_at(self, step: int) -> bool:
