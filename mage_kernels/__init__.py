@@ -14,6 +14,9 @@ Public API (see README.md):
   ``weight_grad_with_fisher`` and ``pema_update_``.
 * :func:`backend`, :func:`set_backend`, :func:`use_backend`, :func:`backend_info` --
   explicit kernel backend choice (``triton`` | ``cuda`` | ``torch``).
+* :mod:`mage_kernels.sharding` -- each rank's part of the adapters under DDP / FSDP2 /
+  DeepSpeed ZeRO (ALGORITHM.md §7); :mod:`mage_kernels.integrations.deepspeed`
+  (imported on demand) -- :class:`ZeroSharding` for DeepSpeed ZeRO 1/2/3.
 """
 
 from .backends import (
@@ -42,6 +45,7 @@ from .fisher import Fisher
 from .ema import DEMA, PEMA, pema_update_
 from .authors_pema import AuthorsPEMA, authors_pema_update_
 from .memory import persistent_state_bytes
+from . import sharding  # noqa: E402  (mk.sharding.Sharding, full_tensor, load_full_)
 
 __version__ = "0.1.0"
 

@@ -47,6 +47,13 @@ rounded to a bf16/fp16 parameter dtype); the one implementation is
 :func:`mage_kernels.reference.dema_step_`.
 Persistent state: ``theta*`` AND ``g_prev``. ``g_prev`` starts as zeros at the
 task start, so the first step has ``c = |g|_1``.
+
+Distributed training (ALGORITHM.md §7): under DDP every rank holds the whole
+state; under FSDP2 (DTensor parameters, detected) and DeepSpeed ZeRO
+(``sharding=mage_kernels.integrations.deepspeed.ZeroSharding(engine)``) each rank
+holds and updates only its part of ``theta*`` / ``g_prev`` (see
+:mod:`mage_kernels.sharding`); DEMA's norms and the counters are summed over the
+ranks, ``state_dict`` gathers whole tensors.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ from torch import nn
 from . import reference
 from .backends import BACKENDS, resolve_backend, use_backend
 from .inject import adapter_parameters
+from .sharding import LocalPart, Sharding, WholeTensor, all_reduce_parts
 
 __all__ = ["PEMA", "DEMA", "pema_update_"]
 
@@ -161,43 +169,74 @@ def pema_update_(
 
 
 class _TaskEMA:
-    """What PEMA and DEMA share: the theta* snapshot, finish_task, counters, state."""
+    """What PEMA and DEMA share: the theta* snapshot, finish_task, counters, state.
 
-    def __init__(self, model: nn.Module) -> None:
+    Under a sharding engine (ALGORITHM.md §7) every per-element tensor here is this
+    rank's part only (:attr:`parts`): ``theta*`` of the elements the rank owns, updated
+    from the matching parts of ``theta``, ``g`` and ``F``; nothing is gathered per step.
+    """
+
+    def __init__(self, model: nn.Module, sharding: Optional[Sharding] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module; got {type(model).__name__}")
         self.model = model
+        self.sharding: Sharding = Sharding()
+        self._set_sharding(sharding)
         self.names: List[str] = []
         self.params: List[nn.Parameter] = []
+        self.parts: List[LocalPart] = []
         self.emas: List[torch.Tensor] = []
         self._counts: Optional[torch.Tensor] = None  # device int64 [2], running totals
         self._last: Optional[Tuple[torch.Tensor, int]] = None  # (counts of the last update, its size)
         self.steps = 0
         self.start_task()
 
-    def start_task(self) -> None:
-        """Snapshot ``theta* <- theta`` for the currently trainable adapters (start of a task)."""
+    def _set_sharding(self, sharding: Optional[Sharding]) -> None:
+        if sharding is None:
+            return
+        if not isinstance(sharding, Sharding):
+            raise TypeError(f"sharding must be a mage_kernels.sharding.Sharding; got {type(sharding).__name__}")
+        self.sharding = sharding
+
+    def start_task(self, sharding: Optional[Sharding] = None) -> None:
+        """Snapshot ``theta* <- theta`` for the currently trainable adapters (start of a task).
+
+        ``sharding`` replaces the one given at construction (e.g. a new DeepSpeed
+        engine built for this task's trainable adapters).
+        """
+        self._set_sharding(sharding)
         named = list(adapter_parameters(self.model, trainable_only=True))
         if not named:
             raise ValueError("the model has no trainable adapter parameters (set_trainable / for_task first)")
+        self.emas = []  # free the previous task's buffers before allocating
+        self.parts = []
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.emas = []  # free the previous task's buffers before allocating
+        self.parts = self.sharding.parts(self.names, self.params)
         with torch.no_grad():
-            self.emas = [p.detach().clone(memory_format=torch.contiguous_format) for p in self.params]
+            self.emas = [part.theta().detach().clone(memory_format=torch.contiguous_format) for part in self.parts]
+        self._sharded = any(part.sharded for part in self.parts)
+        self._count_groups = self._shard_groups() if self._sharded else ()
         self._counts = None
         self._last = None
         self.steps = 0
 
-    def _gradients(self, grads: Optional[GradSource]) -> List[torch.Tensor]:
-        """The step's gradient of every tracked tensor, in :attr:`names` order; raises when one is missing.
+    @property
+    def numel(self) -> int:
+        """Elements of the tracked tensors, whole (the same on every rank)."""
+        return sum(part.numel for part in self.parts)
 
-        ``grads`` is ``None`` (read ``p.grad``), a ``{name: tensor}`` mapping or a sequence
-        aligned with :attr:`names` -- for engines that keep gradients outside ``p.grad``.
+    def _gradients(self, grads: Optional[GradSource]) -> List[torch.Tensor]:
+        """The step's gradient of every tracked tensor's local part, in :attr:`names` order; raises when one is missing.
+
+        ``grads`` is ``None`` (read each part's gradient: ``p.grad``, its DTensor shard, or what
+        a DeepSpeed :class:`~mage_kernels.integrations.deepspeed.ZeroSharding` captured in
+        ``engine.step()``), a ``{name: tensor}`` mapping or a sequence aligned with
+        :attr:`names` -- whole tensors, DTensors or this rank's parts.
         """
         what = type(self).__name__
         if grads is None:
-            found = [p.grad for p in self.params]
+            found = [part.grad() for part in self.parts]
         elif isinstance(grads, Mapping):
             found = [grads.get(n) for n in self.names]
         elif isinstance(grads, (list, tuple)):
@@ -207,18 +246,54 @@ class _TaskEMA:
         else:
             raise TypeError(f"{what}.update: grads must be None, a mapping name -> tensor or a sequence; "
                             f"got {type(grads).__name__}")
-        for name, p, g in zip(self.names, self.params, found):
+        out = []
+        for name, part, g in zip(self.names, self.parts, found):
             if g is None:
-                where = "p.grad is None" if grads is None else "no entry in grads"
+                where = getattr(part, "missing_grad", "p.grad is None") if grads is None else "no entry in grads"
                 raise RuntimeError(
-                    f"{what}.update: no gradient for the trainable adapter {name} ({where}). Call update() after "
-                    "backward() and optimizer.step() but before zero_grad(); an engine that keeps gradients in its "
-                    "own buffers (DeepSpeed ZeRO) needs them passed explicitly: update(..., grads={name: grad})"
+                    f"{what}.update: no gradient for the trainable adapter {name} ({where}): {part.grad_advice}"
                 )
-            if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(p.shape):
-                got = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-                raise ValueError(f"{what}.update: gradient of {name} has shape {got}, expected {tuple(p.shape)}")
-        return found
+            if not isinstance(g, torch.Tensor):
+                raise ValueError(f"{what}.update: gradient of {name} is a {type(g).__name__}, not a tensor")
+            out.append(part.localize(g, f"{what}.update: gradient"))
+        return out
+
+    def _local_inputs(self, fisher: object, grads: Optional[GradSource]
+                      ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+        """This rank's parts of ``theta``, ``g`` and ``F`` for every tracked tensor (whole tensors when unsharded)."""
+        grad_list = self._gradients(grads)
+        if isinstance(fisher, Mapping):
+            missing = [n for n in self.names if n not in fisher]
+            if missing:
+                raise KeyError(f"no Fisher given for {missing[:5]}")
+            fishers = [part.localize(fisher[n], "Fisher") for n, part in zip(self.names, self.parts)]
+        elif hasattr(fisher, "for_parameters"):
+            fishers = (fisher.for_parameters(self.params, parts=self.parts) if self._sharded
+                       else fisher.for_parameters(self.params))
+        else:
+            raise TypeError(f"fisher must be a mage_kernels.Fisher or a mapping name -> tensor; got {type(fisher).__name__}")
+        if not self._sharded and all(isinstance(part, WholeTensor) for part in self.parts):
+            return self.params, grad_list, fishers
+        return [part.theta() for part in self.parts], grad_list, fishers
+
+    def _shard_groups(self) -> Tuple[object, ...]:
+        """The one set of process groups every tracked tensor is sharded over (counts are summed over it)."""
+        groups = {tuple(id(g) for g in part.sum_groups()): part.sum_groups() for part in self.parts}
+        if len(groups) != 1 or () in groups:
+            raise NotImplementedError(
+                f"{type(self).__name__}: the trainable adapters are sharded over different process groups (or some "
+                "are held whole); shard every adapter of the model the same way (e.g. fully_shard the root module too)"
+            )
+        return next(iter(groups.values()))
+
+    def _sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Per-rank counts of the owned elements -> whole-tensor counts (every rank gets the sum)."""
+        import torch.distributed as dist
+
+        total = counts.clone()
+        for g in self._count_groups:
+            dist.all_reduce(total, group=g)
+        return total
 
     def _record(self, counts: torch.Tensor, size: int) -> None:
         self._counts = counts.clone() if self._counts is None else self._counts + counts
@@ -228,7 +303,10 @@ class _TaskEMA:
     # counters: lazy (reading them syncs with the device; updating does not)
     @property
     def counts(self) -> torch.Tensor:
-        """Running totals ``int64[2]`` on the device: (fallbacks, non-finite), no host sync."""
+        """Running totals ``int64[2]`` on the device: (fallbacks, non-finite), no host sync.
+
+        Under sharding they count the whole tensors (summed over the ranks), the same on every rank.
+        """
         return self._counts if self._counts is not None else torch.zeros(2, dtype=torch.int64)
 
     @property
@@ -248,15 +326,22 @@ class _TaskEMA:
     def finish_task(self) -> List[str]:
         """``theta <- theta*`` for every tracked tensor; skips (and warns about) tensors whose EMA is not finite.
 
+        Under sharding each rank writes its own part, and a tensor is skipped on every
+        rank when any rank's part is not finite (a collective: every rank calls it).
         Returns the names of the skipped tensors.
         """
-        skipped = []
+        if not self.emas:
+            return []
         with torch.no_grad():
-            for name, p, e in zip(self.names, self.params, self.emas):
-                if not bool(torch.isfinite(e).all()):
-                    skipped.append(name)
-                    continue
-                p.copy_(e)
+            bad = torch.stack([(~torch.isfinite(e)).any() for e in self.emas]).to(torch.float64)
+            if self._sharded:
+                all_reduce_parts(self.parts, bad[None], op="max")
+            flags = bad.tolist()
+            skipped = [name for name, f in zip(self.names, flags) if f]
+            for part, e, f in zip(self.parts, self.emas, flags):
+                if not f:
+                    part.assign(e)
+        self.sharding.after_assign()
         if skipped:
             warnings.warn(
                 f"{type(self).__name__}.finish_task: kept the trained weights of {len(skipped)} tensor(s) whose EMA "
@@ -267,6 +352,7 @@ class _TaskEMA:
         return skipped
 
     def persistent_tensors(self) -> List[torch.Tensor]:
+        """The tensors held between steps (this rank's parts under sharding)."""
         return list(self.emas)
 
     def state_bytes(self) -> int:
@@ -275,17 +361,36 @@ class _TaskEMA:
 
         return persistent_state_bytes(self)
 
+    def _full(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        return [part.gather(t).detach().clone() for part, t in zip(self.parts, tensors)]
+
     def state_dict(self) -> Dict[str, object]:
-        return {"names": list(self.names), "emas": [e.detach().clone() for e in self.emas], "steps": self.steps}
+        """``{"names", "emas", "steps"}`` with WHOLE tensors on every rank.
+
+        Under sharding the parts are gathered here, once (a collective: every rank
+        calls it; let rank 0 write the file). It loads into a sharded or a
+        single-process object alike.
+        """
+        return {"names": list(self.names), "emas": self._full(self.emas), "steps": self.steps}
+
+    def _load_parts(self, targets: Sequence[torch.Tensor], values: Sequence[object], what: str) -> None:
+        values = list(values)
+        if len(values) != len(targets):
+            raise ValueError(f"state_dict holds {len(values)} {what} for {len(targets)} tracked tensors")
+        staged = []
+        for name, part, t, v in zip(self.names, self.parts, targets, values):
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(f"{what} of {name} is a {type(v).__name__}, not a tensor")
+            staged.append((t, part.localize(v, what)))
+        with torch.no_grad():
+            for t, v in staged:
+                t.copy_(v)
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Load :meth:`state_dict` (whole tensors; each rank keeps its part)."""
         if list(state["names"]) != self.names:
             raise KeyError("state_dict tensors do not match this object's tracked parameters (call start_task() first?)")
-        with torch.no_grad():
-            for e, v in zip(self.emas, state["emas"]):
-                if v.shape != e.shape:
-                    raise ValueError(f"EMA shape mismatch: {tuple(v.shape)} vs {tuple(e.shape)}")
-                e.copy_(v)
+        self._load_parts(self.emas, state["emas"], "EMA")
         self.steps = int(state.get("steps", 0))
 
 
@@ -379,6 +484,15 @@ class PEMA(_TaskEMA):
         beta_fallback: ``beta`` where the formula leaves ``(0, 1)`` (NaN/inf too).
         backend: ``"triton" | "cuda" | "torch" | "auto"``; ``None`` follows
             :func:`mage_kernels.set_backend`.
+        sharding: where this rank's part of each tensor lives (ALGORITHM.md §7). The
+            default handles one process, DDP and FSDP2 (DTensor shards) by itself;
+            DeepSpeed ZeRO needs
+            :class:`mage_kernels.integrations.deepspeed.ZeroSharding` ``(engine)``.
+
+    Under sharding the update is shard-local: each rank updates ``theta*`` of the
+    elements it owns from the matching parts of ``theta``, ``g`` and ``F``, with
+    no gathering; the counters are summed over the ranks once per step (an
+    ``int64[2]`` all-reduce), so they count the whole tensors on every rank.
 
     Counters (reading them syncs with the device; :meth:`update` does not):
     ``fallback_count`` (elements that used ``beta_fallback``), ``nonfinite_count``
@@ -396,7 +510,7 @@ class PEMA(_TaskEMA):
     _plan: Optional[_PemaPlan] = None
 
     def __init__(self, model: nn.Module, lam: float = 1e-5, beta_fallback: float = 0.99,
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, sharding: Optional[Sharding] = None) -> None:
         if not lam > 0:
             raise ValueError(f"lam must be positive; got {lam}")
         if not 0 < beta_fallback < 1:
@@ -406,11 +520,11 @@ class PEMA(_TaskEMA):
         self.lam = float(lam)
         self.beta_fallback = float(beta_fallback)
         self.backend = backend
-        super().__init__(model)
+        super().__init__(model, sharding)
 
-    def start_task(self) -> None:
+    def start_task(self, sharding: Optional[Sharding] = None) -> None:
         self._plan = None  # the new task tracks new tensors: rebuild the tables on the next update
-        super().start_task()
+        super().start_task(sharding)
 
     def _fast_update(self, fisher) -> Optional[torch.Tensor]:
         """The cached-plan path of :meth:`update` (module docstring); ``None`` when it does not apply."""
@@ -450,29 +564,22 @@ class PEMA(_TaskEMA):
         ``fisher`` is a :class:`mage_kernels.Fisher` or a ``{name: F}`` mapping
         (``Fisher.values()``). ``grads`` defaults to each tensor's ``.grad``; pass a
         ``{name: g}`` mapping (or a list in :attr:`names` order) when the training engine
-        keeps gradients elsewhere. A tracked tensor without a gradient raises
-        ``RuntimeError`` naming it (nothing is updated or counted).
-        Returns this step's counts ``int64[2]`` (device tensor).
+        keeps gradients elsewhere (whole tensors or this rank's parts). A tracked tensor
+        without a gradient raises ``RuntimeError`` naming it and saying how this engine's
+        gradients are passed (nothing is updated or counted).
+        Returns this step's counts ``int64[2]`` (device tensor; whole-tensor counts under sharding).
         """
-        if grads is None and not isinstance(fisher, Mapping):
+        if grads is None and not isinstance(fisher, Mapping) and not self._sharded:
             counts = self._fast_update(fisher)
             if counts is not None:
                 return counts
-        grad_list = self._gradients(grads)
-        params = self.params
-        if isinstance(fisher, Mapping):
-            missing = [n for n in self.names if n not in fisher]
-            if missing:
-                raise KeyError(f"no Fisher given for {missing[:5]}")
-            fishers = [fisher[n] for n in self.names]
-        elif hasattr(fisher, "for_parameters"):
-            fishers = fisher.for_parameters(params)
-        else:
-            raise TypeError(f"fisher must be a mage_kernels.Fisher or a mapping name -> tensor; got {type(fisher).__name__}")
+        params, grad_list, fishers = self._local_inputs(fisher, grads)
         ctx = use_backend(self.backend) if self.backend is not None else contextlib.nullcontext()
         with ctx:
             counts = pema_update_(params, self.emas, grad_list, fishers, self.lam, self.beta_fallback)
-        self._record(counts, sum(p.numel() for p in params))
+        if self._sharded:
+            counts = self._sum_counts(counts)
+        self._record(counts, self.numel)
         return counts
 
 
@@ -487,17 +594,17 @@ class DEMA(_TaskEMA):
     not guard against them), ``last_alphas`` (float64, the last step's alphas).
     """
 
-    def __init__(self, model: nn.Module, alpha_fallback: float = 0.01) -> None:
+    def __init__(self, model: nn.Module, alpha_fallback: float = 0.01, sharding: Optional[Sharding] = None) -> None:
         if not 0 < alpha_fallback < 1:
             raise ValueError(f"alpha_fallback must be in (0, 1); got {alpha_fallback}")
         self.alpha_fallback = float(alpha_fallback)
         self.prev_grads: List[torch.Tensor] = []
         self.last_alphas: Optional[torch.Tensor] = None
-        super().__init__(model)
+        super().__init__(model, sharding)
 
-    def start_task(self) -> None:
+    def start_task(self, sharding: Optional[Sharding] = None) -> None:
         self.prev_grads = []
-        super().start_task()
+        super().start_task(sharding)
         self.prev_grads = [torch.zeros_like(e) for e in self.emas]
         self.last_alphas = None
 
@@ -505,12 +612,16 @@ class DEMA(_TaskEMA):
         """One DEMA step after ``optimizer.step()``; returns the alphas (float64, device).
 
         Gradients as in :meth:`PEMA.update` (``.grad`` by default, or ``grads``); a tracked
-        tensor without one raises ``RuntimeError`` naming it.
+        tensor without one raises ``RuntimeError`` naming it. Under sharding the three L1
+        norms of each tensor are summed over the ranks (one float64 all-reduce per step),
+        so every rank uses the whole-tensor alpha on its own part.
         """
         grad_list = self._gradients(grads)
+        params = [part.theta() for part in self.parts]
+        sums = {"reduce_norms": lambda norms: all_reduce_parts(self.parts, norms)} if self._sharded else {}
         with torch.no_grad():
-            alpha, counts = reference.dema_step_(self.params, self.emas, grad_list, self.prev_grads,
-                                                 self.alpha_fallback)
+            alpha, counts = reference.dema_step_(params, self.emas, grad_list, self.prev_grads,
+                                                 self.alpha_fallback, **sums)
         self.last_alphas = alpha
         self._record(counts, len(self.params))
         return alpha
@@ -520,11 +631,9 @@ class DEMA(_TaskEMA):
 
     def state_dict(self) -> Dict[str, object]:
         out = super().state_dict()
-        out["prev_grads"] = [g.detach().clone() for g in self.prev_grads]
+        out["prev_grads"] = self._full(self.prev_grads)
         return out
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         super().load_state_dict(state)
-        with torch.no_grad():
-            for g, v in zip(self.prev_grads, state["prev_grads"]):
-                g.copy_(v)
+        self._load_parts(self.prev_grads, state["prev_grads"], "g_prev")

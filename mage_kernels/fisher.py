@@ -40,6 +40,14 @@ the per-sample gradient of ``sum_{t: w=1} loss_nt``; when the loss already
 masks the padding, a 0/1 weight changes nothing. The weights are captured at
 the forward pass, so the context only needs to enclose the forward.
 
+Distributed training (ALGORITHM.md §7): each rank accumulates its own samples
+into whole per-layer buffers (also under FSDP2 and DeepSpeed ZeRO-3, whose
+backward runs on the unsharded adapters), and :meth:`Fisher.sync` sums the
+buffers and the counts over the data-parallel ranks, so ``F`` is over the global
+batch on every rank. A sharded update reads only its rank's slice
+(:meth:`Fisher.for_parameters` with ``parts``). The Fisher may be created before
+``fully_shard`` replaces the parameters by DTensors.
+
 Counting samples: ``num_samples`` grows by ``N`` once per forward of the model
 whose gradient actually reaches the layers in a backward (counted when the
 backward runs, so forward passes without backward do not count). A new forward
@@ -116,9 +124,25 @@ class Fisher:
             layer.fisher_token_weight = None
             self._hooks.append(layer.register_forward_pre_hook(self._layer_pre_hook))
             self._hooks.append(layer.register_forward_hook(self._layer_post_hook))
-            for k in range(layer.num_adapters):
-                self._param_index[id(layer.lora_A[k])] = (layer, "a", k)
-                self._param_index[id(layer.lora_B[k])] = (layer, "b", k)
+        self._index_parameters()
+
+    @staticmethod
+    def _holds(where: Tuple[MageLinear, str, int], p: torch.Tensor) -> bool:
+        layer, kind, k = where
+        plist = layer.lora_A if kind == "a" else layer.lora_B
+        return plist._parameters.get(str(k)) is p
+
+    def _index_parameters(self) -> None:
+        """Map each adapter parameter object to its (layer, kind, k).
+
+        Rebuilt when a lookup misses: FSDP2's ``fully_shard`` replaces the parameter
+        objects by DTensors, so a Fisher made before it still finds them.
+        """
+        self._param_index = {}
+        for _, layer in self.layers:
+            for kind, plist in (("a", layer.lora_A), ("b", layer.lora_B)):
+                for key, p in plist._parameters.items():  # no __getitem__: DeepSpeed ZeRO-3 would gather it
+                    self._param_index[id(p)] = (layer, kind, int(key))
 
     # ------------------------------------------------------------------ hooks
 
@@ -219,12 +243,19 @@ class Fisher:
         """Samples whose squared gradients were accumulated since :meth:`reset`."""
         return self._count
 
-    def sync(self) -> None:
-        """All-reduce (sum) the sums and the sample count across ranks.
+    def sync(self, group: Optional[object] = None) -> None:
+        """All-reduce (sum) the sums and the sample count across the data-parallel ranks.
 
-        A no-op unless ``torch.distributed`` is initialized. Call it once per
-        accumulation window (after the backward passes, before :meth:`values`);
-        calling it twice would count every rank's samples twice.
+        Afterwards ``F`` is over the GLOBAL batch on every rank (ALGORITHM.md §7): each
+        rank summed its own samples' squares, and the sums and counts add up. ``group``
+        is the data-parallel process group (default: all ranks). A no-op unless
+        ``torch.distributed`` is initialized. Call it once per accumulation window
+        (after the backward passes, before :meth:`values` or an update); calling it twice
+        would count every rank's samples twice.
+
+        The buffers are whole on every rank under every engine (FSDP2 and ZeRO-3
+        included): ``4r (d_in + d_out)`` float32 per layer, the size of all four
+        adapters, plus one float64 copy of them during this call.
         """
         import torch.distributed as dist
 
@@ -233,7 +264,7 @@ class Fisher:
         bufs = [t for _, layer in self.layers for t in (self._check_attached(layer).fisher_a, layer.fisher_b)]
         flat = torch.cat([b.reshape(-1).to(torch.float64) for b in bufs] +
                          [torch.tensor([float(self._count)], dtype=torch.float64, device=bufs[0].device)])
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=group)
         off = 0
         for b in bufs:
             b.copy_(flat[off: off + b.numel()].view_as(b))
@@ -275,14 +306,27 @@ class Fisher:
         """``F`` for one adapter parameter (``lora_A[k]`` or ``lora_B[k]`` of a tracked layer), shaped like it."""
         return self.for_parameters([param])[0]
 
-    def for_parameters(self, params: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """:meth:`for_parameter` for many parameters at once (one multi-tensor division)."""
+    def for_parameters(self, params: Sequence[torch.Tensor],
+                       parts: Optional[Sequence["LocalPart"]] = None) -> List[torch.Tensor]:  # noqa: F821
+        """:meth:`for_parameter` for many parameters at once (one multi-tensor division).
+
+        ``F`` is whole-shaped even for a sharded parameter (a DTensor under FSDP2, a
+        ZeRO-3 partition): it is accumulated from the unsharded compute of the backward.
+        With ``parts`` (:class:`mage_kernels.sharding.LocalPart`, one per parameter) each
+        ``F`` is this rank's part of it, taken before the division (ALGORITHM.md §7).
+        """
+        if parts is not None and len(parts) != len(params):
+            raise ValueError(f"for_parameters: got {len(parts)} parts for {len(params)} parameters")
         views = []
-        for p in params:
+        for i, p in enumerate(params):
             where = self._param_index.get(id(p))
+            if where is None or not self._holds(where, p):  # replaced (a freed object's id may be reused)
+                self._index_parameters()
+                where = self._param_index.get(id(p))
             if where is None:
                 raise KeyError("a tensor is not an adapter parameter (lora_A[k] / lora_B[k]) of a layer this Fisher tracks")
-            views.append(self._sum_view(*where))
+            view = self._sum_view(*where)
+            views.append(view if parts is None else parts[i].take(view))
         return list(torch._foreach_div(views, self._divisor())) if views else []
 
     def values(self) -> Dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .layer import AdapterRef, MageLinear
+from .sharding import full_shape, full_tensor, load_full_
 
 __all__ = [
     "LLAMA_TARGETS",
@@ -113,8 +114,13 @@ def adapter_parameters(model: nn.Module, trainable_only: bool = True) -> Iterato
 
 
 def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Only the adapters' tensors (all of them, frozen included), detached copies on CPU."""
-    return {k: v.detach().cpu().clone() for k, v in adapter_parameters(model, trainable_only=False)}
+    """Only the adapters' tensors (all of them, frozen included), detached whole copies on CPU.
+
+    Under a sharding engine (FSDP2 DTensors, DeepSpeed ZeRO-3 partitions) each tensor is
+    gathered whole (ALGORITHM.md §7): a collective, so every rank calls it and gets the
+    same dict; let rank 0 write it. It loads into a sharded or a single-process model.
+    """
+    return {k: full_tensor(v).cpu().clone() for k, v in adapter_parameters(model, trainable_only=False)}
 
 
 def load_adapter_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], strict: bool = True) -> None:
@@ -125,6 +131,10 @@ def load_adapter_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], st
     tensors copied, so a bad entry anywhere leaves the model unchanged. Raises
     ``KeyError`` for missing/unexpected keys, ``ValueError`` for a shape mismatch or a
     non-finite value (a corrupt checkpoint), naming the first offending key.
+
+    The entries are whole tensors; in a sharded model (FSDP2, DeepSpeed ZeRO) each rank
+    writes the part it holds (and, under DeepSpeed, the optimizer's fp32 master copy),
+    so every rank loads the same dict.
     """
     own = dict(adapter_parameters(model, trainable_only=False))
     missing = sorted(set(own) - set(state))
@@ -137,8 +147,8 @@ def load_adapter_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], st
         if k not in state:
             continue
         v = state[k]
-        if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(p.shape):
-            raise ValueError(f"adapter {k}: expected shape {tuple(p.shape)}, got "
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(full_shape(p)):
+            raise ValueError(f"adapter {k}: expected shape {tuple(full_shape(p))}, got "
                              f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
         if not v.is_floating_point():
             raise ValueError(f"adapter {k}: expected a floating-point tensor, got {v.dtype}")
@@ -148,4 +158,4 @@ def load_adapter_state_dict(model: nn.Module, state: Dict[str, torch.Tensor], st
         staged.append((p, v))
     with torch.no_grad():  # nothing below can fail on a validated entry
         for p, v in staged:
-            p.copy_(v)
+            load_full_(p, v)

@@ -18,7 +18,7 @@ rank. ``lora_a`` is the concatenation ``cat(A_0..A_3)`` with shape ``[R, K]`` an
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -235,6 +235,7 @@ def dema_step_(
     grads: Sequence[torch.Tensor],
     prev_grads: Sequence[torch.Tensor],
     alpha_fallback: float = 0.01,
+    reduce_norms: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """DEMA / CIA (SPEC section 4), one scalar per tensor, in place on ``emas`` and ``prev_grads``.
 
@@ -249,6 +250,11 @@ def dema_step_(
     synchronization: the float64 alphas used (one per tensor) and int64 ``[2]``
     (tensors that used the fallback, tensors whose ``a``, ``b`` or ``c`` was not
     finite). This is the one implementation behind :class:`mage_kernels.DEMA`.
+
+    ``reduce_norms``, when given, receives the float64 ``[3, n]`` stack of the
+    tensors' partial norms ``(a, b, c)`` and returns their whole-tensor values:
+    under sharding each rank passes its parts and sums the norms over the ranks
+    (ALGORITHM.md §7), so every rank computes the same alphas.
     """
     n = len(emas)
     if not (len(params) == len(grads) == len(prev_grads) == n):
@@ -268,7 +274,10 @@ def dema_step_(
             g64.abs().sum(),  # b
             (g64 - gp.double()).abs().sum(),  # c
         ]).to(device))
-    a, b, c = torch.stack(norms, dim=1)
+    stacked = torch.stack(norms, dim=1)
+    if reduce_norms is not None:
+        stacked = reduce_norms(stacked)
+    a, b, c = stacked
     raw = 2 * (1 + b) / (a * c)
     ok = (raw > 0) & (raw < 1)
     alphas = torch.where(ok, raw, torch.full_like(raw, alpha_fallback))
