@@ -3,8 +3,13 @@
 Public API (see README.md):
 
 * :class:`MageLinear` -- frozen linear + four equally weighted LoRA adapters.
-* :func:`inject`, :func:`for_task`, :func:`set_trainable`, :func:`adapter_state_dict`,
-  :func:`load_adapter_state_dict` -- model-wide adapter management.
+* :func:`inject`, :func:`find_target_modules`, :func:`for_task`, :func:`task_history`,
+  :func:`set_trainable`, :func:`adapter_state_dict`, :func:`load_adapter_state_dict`,
+  :func:`merge_and_unload` -- model-wide adapter management (PEFT-style target matching).
+* :func:`save_pretrained`, :func:`from_pretrained`, :func:`load_method_state` -- adapters,
+  configuration, task history and method state as a directory, loaded all or nothing.
+* ``mage_kernels.integrations.peft`` (PEFT export/import) and
+  ``mage_kernels.integrations.transformers`` (a ``TrainerCallback``), imported on demand.
 * :func:`lora_linear` -- the fused op itself (``torch.ops.mage.lora_linear``).
 * Custom ops registered on import (Triton itself is imported lazily, only for the
   ``triton`` backend): ``torch.ops.mage.lora_linear``, ``lora_linear_backward``,
@@ -25,11 +30,14 @@ from .inject import (
     LLAMA_TARGETS,
     adapter_parameters,
     adapter_state_dict,
+    find_target_modules,
     for_task,
     inject,
     load_adapter_state_dict,
     mage_layers,
+    merge_and_unload,
     set_trainable,
+    task_history,
 )
 from .layer import ADAPTERS, MageLinear, adapters_for_task
 from .lora_op import lora_linear
@@ -38,6 +46,7 @@ from . import weight_grad_op  # noqa: F401  (registers torch.ops.mage.weight_gra
 from .fisher import Fisher
 from .ema import DEMA, PEMA, pema_update_
 from .memory import persistent_state_bytes
+from .pretrained import from_pretrained, load_method_state, save_pretrained
 
 __version__ = "0.1.0"
 
@@ -56,13 +65,19 @@ __all__ = [
     "adapters_for_task",
     "backend",
     "backend_info",
+    "find_target_modules",
     "for_task",
+    "from_pretrained",
     "inject",
     "load_adapter_state_dict",
+    "load_method_state",
     "lora_linear",
     "mage_layers",
+    "merge_and_unload",
     "resolve_backend",
+    "save_pretrained",
     "set_backend",
     "set_trainable",
+    "task_history",
     "use_backend",
 ]
