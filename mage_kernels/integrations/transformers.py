@@ -34,7 +34,7 @@ window of an epoch):
 (EWC importances: reset at the start, synced once at the end, read with
 ``fisher.values()``). Not supported, and refused with a clear error at
 ``on_train_begin``: fp16 with a gradient scaler, DataParallel (``n_gpu > 1``),
-DeepSpeed and FSDP.
+DeepSpeed, FSDP, and gradient checkpointing with a Fisher.
 
 Quantized base models: ``Trainer`` refuses a model loaded with a bitsandbytes
 ``quantization_config`` unless it carries PEFT's marker (``_hf_peft_config_loaded``).
@@ -193,6 +193,9 @@ class MageCallback(TrainerCallback):
         if getattr(args, "n_gpu", 1) > 1:
             raise ValueError("MageCallback does not support DataParallel (n_gpu > 1); launch one process per GPU "
                              "(torchrun / accelerate launch) for DDP")
+        if self.fisher is not None and getattr(args, "gradient_checkpointing", False):
+            raise ValueError("MageCallback with a Fisher does not support gradient_checkpointing (the recomputed "
+                             "forward would be counted as more samples; untested)")
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
             raise ValueError("MageCallback supports single-process and DDP training, not DeepSpeed or FSDP")
         if model is not None:
