@@ -93,8 +93,10 @@ def test_adapter_loading_is_all_or_nothing(tiny_llama):
 
 
 def test_inject_without_matches_is_an_error():
-    with pytest.raises(ValueError, match="no linear layer"):
+    with pytest.raises(ValueError, match=r"entries \['q_proj'\] match no module"):
         mk.inject(nn.Sequential(nn.Linear(4, 4)), target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="no linear layer"):
+        mk.inject(nn.Sequential(nn.Linear(4, 4)), target_modules=r"\d", exclude_modules=["0"])
     with pytest.raises(ValueError, match="inject"):
         mk.for_task(nn.Sequential(nn.Linear(4, 4)), {"text"}, "text")
 
