@@ -5,10 +5,15 @@ does; the CLI (:mod:`mage_cl.cli`) only parses arguments. Two data/model sources
 
 * the embedded digits benchmark (default): :func:`mage_cl.tasks.build_tasks` and the
   small pretrained joint-vocabulary LLaMA of :mod:`mage_cl.model`;
-* ``model_path`` + ``data_dir``: a local transformers checkpoint and Continual-NExT
-  annotation files (``<data_dir>/<task>/train.jsonl`` and ``<data_dir>/<task>/test.json``
-  for the text-output tasks found there; ``<task>`` is ``vqa`` or ``VQAv2``, ``classification``
-  or ``ImageNet``, ``ocr`` or ``OCRVQA``, ``grounding`` or ``RefCOCO``), loaded by :mod:`mage_cl.tasks.realdata`.
+* ``model_path`` + ``data_dir``: a local transformers checkpoint -- Janus, Emu3, Chameleon
+  or a text-only causal LM, detected from its config (:mod:`mage_cl.backbones`) -- and the
+  Continual-NExT annotation files of the tasks found there (``<data_dir>/<task>/train.jsonl``
+  and ``test.json``, ``<task>`` the short id or the paper name; images relative to the task
+  folder), loaded by :mod:`mage_cl.tasks.realdata`; Flickr30k and HQEdit are judged with the
+  CLIP checkpoint ``clip`` (:mod:`mage_cl.tasks.clip_judge`). Everything the user can get
+  wrong -- the checkpoint, its processor, the family, an image file, the CLIP checkpoint, an
+  image-output task the family cannot train, an example over the token budget -- is checked
+  before the weights are loaded and before any training.
 
 A run writes ``<out>/checkpoint.{pt,json}`` after every stage (rank 0 only) and, when
 finished, its results directory (:mod:`mage_cl.results`).
@@ -32,6 +37,7 @@ import mage_kernels as mk
 
 from . import checkpoint, distributed, results
 from .methods import METHODS, make_method
+from .methods.base import MethodConfig
 from .presets import Preset, get_preset
 from .trainer import Sequencer, StageResult
 
@@ -59,6 +65,18 @@ class RunOptions:
     progress: bool = True
     max_stages: Optional[int] = None  # stop after this many stages (a deliberate interruption)
     steps_per_task: Optional[int] = None  # override the preset's
+    # real checkpoints (--model); see mage_cl.backbones.BackboneOptions and mage_cl.tasks.clip_judge
+    backbone: Optional[str] = None  # family; None: detected from the checkpoint's config
+    tasks: Optional[str] = None  # comma-separated subset of the order (short ids or paper names)
+    clip: Optional[str] = None  # CLIP checkpoint directory judging Flickr30k / HQEdit
+    clip_threshold: str = "auto"  # CLIP score an image needs to count as correct ("auto" or 0-100)
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    max_batch_tokens: Optional[int] = None  # padded tokens per micro-batch
+    image_size: Optional[int] = None
+    image_guidance: Optional[float] = None
+    max_examples: Optional[int] = None  # train and test examples per task (the first ones)
 
 
 def _validate(opts: RunOptions) -> Preset:
@@ -79,18 +97,63 @@ def _validate(opts: RunOptions) -> Preset:
     for p in (opts.model_path, opts.data_dir):
         if p is not None and not os.path.isdir(p):
             raise UsageError(f"{p}: no such directory")
+    _validate_model_options(opts)
     if opts.steps_per_task is not None:
         preset = replace(preset, train=replace(preset.train, steps_per_task=int(opts.steps_per_task)))
+    if opts.max_batch_tokens is not None:
+        preset = replace(preset, train=replace(preset.train, max_batch_tokens=int(opts.max_batch_tokens)))
     preset = replace(preset, train=replace(preset.train, seed=opts.seed))
     return preset
 
 
-class Workload:
-    """Tasks, the frozen base model and token ids for a run (shared by every method of a comparison)."""
+def _validate_model_options(opts: RunOptions) -> None:
+    """The real-checkpoint options: valid values, and none of them without ``--model``."""
+    from .backbones import BACKBONE_NAMES
 
-    def __init__(self, tasks, names: List[str], base_model, pad_id: int, eos_id: int, info: Dict[str, object]):
+    if opts.tasks is not None:
+        _task_subset(opts.tasks, [])
+    if opts.max_batch_tokens is not None and int(opts.max_batch_tokens) < 1:
+        raise UsageError(f"--max-batch-tokens must be >= 1, got {opts.max_batch_tokens}")
+    if opts.max_examples is not None and int(opts.max_examples) < 1:
+        raise UsageError(f"--max-examples must be >= 1, got {opts.max_examples}")
+    if opts.image_size is not None and int(opts.image_size) < 1:
+        raise UsageError(f"--image-size must be >= 1, got {opts.image_size}")
+    if opts.backbone is not None and opts.backbone not in BACKBONE_NAMES:
+        raise UsageError(f"unknown --backbone {opts.backbone!r}; choose from {', '.join(BACKBONE_NAMES)}")
+    if opts.model_path is None:
+        only_model = [flag for flag, on in (
+            ("--backbone", opts.backbone not in (None, "tiny")), ("--clip", opts.clip is not None),
+            ("--clip-threshold", opts.clip_threshold != "auto"), ("--dtype", opts.dtype != "auto"),
+            ("--attn-implementation", opts.attn_implementation != "sdpa"),
+            ("--gradient-checkpointing", opts.gradient_checkpointing), ("--image-size", opts.image_size is not None),
+            ("--image-guidance", opts.image_guidance is not None), ("--max-examples", opts.max_examples is not None),
+        ) if on]
+        if only_model:
+            raise UsageError(f"{', '.join(only_model)} applies to a --model checkpoint; the embedded tiny model "
+                             "runs in float32 on its own digits data")
+
+
+def _task_subset(spec: str, names: Sequence[str]) -> List[str]:
+    """``names`` restricted to the comma-separated task ids / paper names of ``--tasks`` (order kept)."""
+    from .tasks.realdata import canonical_task_name
+
+    try:
+        want = [canonical_task_name(t.strip()) for t in spec.split(",") if t.strip()]
+    except ValueError as exc:
+        raise UsageError(f"--tasks: {exc}") from None
+    if not want:
+        raise UsageError("--tasks is empty")
+    return [n for n in names if n in want]
+
+
+class Workload:
+    """Tasks, the frozen base model, its backbone and token ids for a run (shared by every method of a comparison)."""
+
+    def __init__(self, tasks, names: List[str], base_model, pad_id: int, eos_id: int, info: Dict[str, object],
+                 backbone=None):
         self.tasks, self.names, self.base_model = tasks, names, base_model
         self.pad_id, self.eos_id, self.info = pad_id, eos_id, info
+        self.backbone = backbone
 
 
 def prepare(opts: RunOptions, preset: Preset) -> Workload:
@@ -98,33 +161,10 @@ def prepare(opts: RunOptions, preset: Preset) -> Workload:
     from .tasks import order_names
 
     names = order_names(opts.order)
+    if opts.tasks is not None:
+        names = _task_subset(opts.tasks, names)
     if opts.model_path is not None:
-        from .model import load_local_model
-        from .tasks import realdata
-
-        found = {}
-        for name in names:
-            if name not in TEXT_OUTPUT_TASKS:
-                continue
-            for folder_name in (name, getattr(realdata, "TEXT_TASKS", {}).get(name, name)):
-                folder = Path(opts.data_dir) / folder_name
-                train, test = folder / "train.jsonl", folder / "test.json"
-                if train.exists() and test.exists():
-                    found[name] = (train, test)
-                    break
-        if not found:
-            raise UsageError(f"--data-dir {opts.data_dir}: found no <task>/train.jsonl + <task>/test.json for the "
-                             f"text-output tasks {', '.join(TEXT_OUTPUT_TASKS)}")
-        model, tok = load_local_model(opts.model_path)
-        tasks = {}
-        for name, (tr, te) in found.items():
-            try:
-                tasks[name] = realdata.load_task(name, str(tr), str(te), tok)
-            except (ValueError, OSError) as exc:  # malformed annotations: one clear line
-                raise UsageError(f"{name}: {exc}") from None
-        names = [n for n in names if n in tasks]
-        info = {"model": os.path.abspath(opts.model_path), "data": os.path.abspath(opts.data_dir)}
-        return Workload(tasks, names, model, tok.pad_token_id, tok.eos_token_id, info)
+        return _prepare_checkpoint(opts, preset, names)
     from .model import load_pretrained
     from .tasks import build_tasks
     from .vocab import Vocab
@@ -138,13 +178,94 @@ def prepare(opts: RunOptions, preset: Preset) -> Workload:
     if not distributed.is_main():
         model, info = load_pretrained(vocab, tasks, preset.model, preset.pretrain, opts.seed)
     info = {"model": f"tiny-llama:{info['key']}", "pretrain_loss": info.get("loss"), "data": "digits"}
-    return Workload(tasks, names, model, vocab.pad_id, vocab.eos_id, info)
+    from .backbones import TinyBackbone
+
+    return Workload(tasks, names, model, vocab.pad_id, vocab.eos_id, info, backbone=TinyBackbone(vocab))
+
+
+def _prepare_checkpoint(opts: RunOptions, preset: Preset, names: List[str]) -> Workload:
+    """Tasks and model of a ``--model`` run; every user error is a :class:`UsageError` before the weights load."""
+    from . import backbones
+    from .tasks import realdata
+    from .tasks.clip_judge import ClipError, ClipJudge, ClipScorer, resolve_threshold
+
+    bopts = backbones.BackboneOptions(
+        dtype=opts.dtype, attn_implementation=opts.attn_implementation,
+        gradient_checkpointing=opts.gradient_checkpointing, image_size=opts.image_size,
+        guidance_scale=opts.image_guidance)
+    try:
+        bb = backbones.open_backbone(opts.model_path, opts.backbone, bopts)
+    except backbones.BackboneError as exc:
+        raise UsageError(str(exc)) from None
+    found = {}
+    for name in names:
+        files = realdata.find_task_files(opts.data_dir, name)
+        if files is not None:
+            found[name] = files
+        elif opts.tasks is not None:
+            raise UsageError(f"--tasks {name}: --data-dir {opts.data_dir} has no {realdata.ALL_TASKS[name]}/ (or "
+                             f"{name}/) with train.jsonl and test.json")
+    if not found:
+        raise UsageError(f"--data-dir {opts.data_dir}: found no <task>/train.jsonl + <task>/test.json for any task "
+                         f"({', '.join(f'{k}/{v}' for k, v in realdata.ALL_TASKS.items())})")
+    image_tasks = [n for n in found if n in realdata.IMAGE_TASKS]
+    if image_tasks and not bb.writes_images:
+        raise UsageError(f"{', '.join(realdata.ALL_TASKS[n] for n in image_tasks)} (in --data-dir {opts.data_dir}) "
+                         f"answer with images: {bb.image_output_refusal}")
+    scorer = None
+    thresholds: Dict[str, object] = {}
+    if image_tasks:
+        if opts.clip is None:
+            raise UsageError(f"{', '.join(realdata.ALL_TASKS[n] for n in image_tasks)} are judged by CLIP score: "
+                             "pass --clip DIR (a local transformers CLIPModel checkpoint)")
+        try:
+            scorer = ClipScorer.load(opts.clip)
+        except ClipError as exc:
+            raise UsageError(str(exc)) from None
+
+    def judge_for(name):
+        def factory(train):
+            ref = [(e.meta["target_image"], e.meta["clip_text"]) for e in train if e.meta.get("target_image")]
+            tau, how = resolve_threshold(opts.clip_threshold, scorer, ref)
+            thresholds[name] = {"tau": tau, "how": how}
+            return ClipJudge(scorer, tau, bb.decode_image, bb.image_start_id)
+        return factory
+
+    tasks = {}
+    for name, (tr, te) in found.items():
+        try:
+            tasks[name] = realdata.load_backbone_task(
+                name, tr, te, bb, opts.max_examples, judge_for(name) if name in image_tasks else None,
+                progress=opts.progress and distributed.is_main())
+        except (ValueError, OSError) as exc:  # malformed annotations, bad images, CLIP: one clear line
+            raise UsageError(f"{name}: {exc}") from None
+    names = [n for n in names if n in tasks]
+    budget = preset.train.max_batch_tokens
+    if budget is not None:
+        for name in names:
+            for e in tasks[name].train:
+                n = bb.num_tokens(e)
+                if n > budget:
+                    raise UsageError(f"{e.meta.get('source')}: a {realdata.ALL_TASKS[name]} sample of {n} tokens does "
+                                     f"not fit --max-batch-tokens {budget}")
+    try:
+        model = bb.load_model()
+    except backbones.BackboneError as exc:
+        raise UsageError(str(exc)) from None
+    info = {"model": os.path.abspath(opts.model_path), "data": os.path.abspath(opts.data_dir), **bb.describe()}
+    if scorer is not None:
+        info.update(clip=os.path.abspath(opts.clip), clip_threshold=thresholds)
+    return Workload(tasks, names, model, bb.pad_id, bb.eos_id, info, backbone=bb)
 
 
 def _config(opts: RunOptions, preset: Preset, work: Workload) -> Dict[str, object]:
+    train = asdict(preset.train)
+    if train.get("max_batch_tokens") is None:  # absent as before the option existed: old checkpoints still resume
+        train.pop("max_batch_tokens", None)
+    extra = {k: work.info[k] for k in ("backbone", "dtype", "clip", "clip_threshold") if k in work.info}
     return {"method": opts.method, "order": opts.order, "preset": opts.preset, "seed": opts.seed,
             "model": work.info["model"], "data": work.info["data"], "tasks": work.names,
-            "train": asdict(preset.train), "world_size": distributed.world_size()}
+            "train": train, "world_size": distributed.world_size(), **extra}
 
 
 def _device_name(dev: torch.device) -> str:
@@ -176,10 +297,11 @@ def run(opts: RunOptions, work: Optional[Workload] = None, write: bool = True) -
 def _run(opts: RunOptions, preset: Preset, work: Optional[Workload], write: bool) -> Dict[str, object]:
     mk.set_backend(opts.backend)
     t_start = time.perf_counter()
+    own = work is None  # a workload of its own: train the loaded model itself (no copy of a large model)
     work = work or prepare(opts, preset)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = copy.deepcopy(work.base_model).to(device)
-    method = make_method(opts.method)
+    model = (work.base_model if own else copy.deepcopy(work.base_model)).to(device)
+    method = make_method(opts.method, _method_config(work, model))
     torch.manual_seed(opts.seed)  # adapter initialization (A ~ N(0, 0.01^2), MoELoRA router)
     method.setup(model)
     out = Path(opts.out) if opts.out else None
@@ -210,7 +332,7 @@ def _run(opts: RunOptions, preset: Preset, work: Optional[Workload], write: bool
             raise _Stop()
 
     seq = Sequencer(model, method, work.tasks, work.names, preset.train, work.pad_id, work.eos_id,
-                    progress=opts.progress)
+                    progress=opts.progress, backbone=work.backbone)
     done = start >= (1 if method.joint else len(work.names)) and bool(stages)
     if not done:
         try:
@@ -229,6 +351,20 @@ def _run(opts: RunOptions, preset: Preset, work: Optional[Workload], write: bool
     if out is not None and write and distributed.is_main() and record["complete"]:
         results.write_run(out, record)
     return record
+
+
+def _method_config(work: Workload, model) -> Optional[MethodConfig]:
+    """Adapters on the backbone's language-model linears (``None``: the methods' default, the tiny model's)."""
+    from .backbones import HFBackbone
+
+    bb = work.backbone
+    if not isinstance(bb, HFBackbone):
+        return None
+    try:
+        targets = tuple(bb.target_modules(model))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return MethodConfig(target_modules=targets, adapter_dtype=bb.adapter_dtype)
 
 
 class _Stop(Exception):
