@@ -118,6 +118,13 @@ def _validate_model_options(opts: RunOptions) -> None:
         raise UsageError(f"--max-examples must be >= 1, got {opts.max_examples}")
     if opts.image_size is not None and int(opts.image_size) < 1:
         raise UsageError(f"--image-size must be >= 1, got {opts.image_size}")
+    if str(opts.clip_threshold).strip().lower() != "auto":
+        try:
+            tau = float(opts.clip_threshold)
+        except (TypeError, ValueError):
+            raise UsageError(f"--clip-threshold must be 'auto' or a CLIP score in [0, 100], got {opts.clip_threshold!r}") from None
+        if not 0.0 <= tau <= 100.0:
+            raise UsageError(f"--clip-threshold must be in [0, 100] (a CLIP score), got {tau}")
     if opts.backbone is not None and opts.backbone not in BACKBONE_NAMES:
         raise UsageError(f"unknown --backbone {opts.backbone!r}; choose from {', '.join(BACKBONE_NAMES)}")
     if opts.model_path is None:
@@ -183,8 +190,26 @@ def prepare(opts: RunOptions, preset: Preset) -> Workload:
     return Workload(tasks, names, model, vocab.pad_id, vocab.eos_id, info, backbone=TinyBackbone(vocab))
 
 
+@contextlib.contextmanager
+def _hf_progress(enabled: bool):
+    """transformers' own progress bars (weight loading) on or off inside the block, then as before."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
 def _prepare_checkpoint(opts: RunOptions, preset: Preset, names: List[str]) -> Workload:
     """Tasks and model of a ``--model`` run; every user error is a :class:`UsageError` before the weights load."""
+    with _hf_progress(opts.progress and distributed.is_main()):
+        return _load_checkpoint_workload(opts, preset, names)
+
+
+def _load_checkpoint_workload(opts: RunOptions, preset: Preset, names: List[str]) -> Workload:
     from . import backbones
     from .tasks import realdata
     from .tasks.clip_judge import ClipError, ClipJudge, ClipScorer, resolve_threshold

@@ -258,7 +258,10 @@ def iter_left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torc
 
 def model_cache(out: Any) -> Any:
     """The KV cache of a transformers output (``cache`` in transformers >= 5.x, else ``past_key_values``)."""
-    return out.cache if getattr(out, "cache", None) is not None else getattr(out, "past_key_values", None)
+    try:
+        return out.cache  # present (maybe None) on transformers >= 5.x outputs; no deprecation warning
+    except AttributeError:
+        return getattr(out, "past_key_values", None)
 
 
 def chunks_by_budget(items: Sequence[Any], sizes: Sequence[int], max_rows: int,

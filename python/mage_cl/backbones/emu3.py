@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .base import BackboneError, open_image
-from .hf import BackboneModel, HFBackbone, PlanStep, center_square, first_line
+from .hf import BackboneModel, HFBackbone, PlanStep, center_square, first_line, pil_from_pixels
 
 __all__ = ["Emu3Backbone"]
 
@@ -169,5 +169,5 @@ class Emu3Backbone(HFBackbone):
         body = torch.tensor([int(t) for t in generated[head: head + g * (g + 1)]], dtype=torch.long)
         codes = hf.model.vocabulary_mapping.convert_bpe2img(body.view(1, g, g + 1))
         dev = next(hf.parameters()).device
-        pixels = hf.model.vqmodel.decode(codes.to(dev))  # [1, 3, S, S], the processor's normalization
-        return self.processor.postprocess(list(pixels.float().cpu()), return_tensors="PIL.Image.Image")["pixel_values"][0]
+        pixels = hf.model.vqmodel.decode(codes.to(dev))  # [1, 3, S, S] in the processor's normalized space
+        return pil_from_pixels(pixels[0], self.processor.image_processor)

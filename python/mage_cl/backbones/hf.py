@@ -84,9 +84,9 @@ class BackboneModel(nn.Module):
         kw: Dict[str, Any] = {}
         if cache is not None:
             kw["cache"] = cache
-        with self.autocast(input_ids.device):
+        with self.autocast(input_ids.device):  # no KV cache unless asked (training builds none)
             out = self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=use_cache, logits_to_keep=logits_to_keep, **kw)
+                          use_cache=bool(use_cache), logits_to_keep=logits_to_keep, **kw)
         return ModelOutput(out.logits, model_cache(out))
 
 
@@ -196,7 +196,11 @@ class HFBackbone(Backbone):
         if self.options.gradient_checkpointing:
             if not getattr(hf, "supports_gradient_checkpointing", False):
                 raise BackboneError(f"{type(hf).__name__} does not support gradient checkpointing")
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kw_gc = {"use_reentrant": False}  # the frozen embeddings' outputs need no grad: reentrant would drop it
+            if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kw_gc)
+            else:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw_gc)
         model = self.wrap(hf)
         model.requires_grad_(False)
         model.eval()
@@ -537,14 +541,22 @@ class HFBackbone(Backbone):
                 **({"image_guidance": self.guidance_scale} if self.writes_images else {})}
 
 
-def pil_from_tensor(x: torch.Tensor) -> Any:
-    """A ``[3, H, W]`` (or ``[H, W, 3]``) float tensor in [0, 255] as an RGB PIL image."""
+def pil_from_pixels(x: torch.Tensor, image_processor: Any) -> Any:
+    """A decoded ``[3, H, W]`` image in the image processor's normalized space as an RGB PIL image.
+
+    Undoes the processor's normalization (``x * std + mean``) and rescaling (``/ rescale_factor``,
+    1/255 by default), as its ``postprocess`` does.
+    """
     from PIL import Image
 
-    arr = x.detach().float().clamp(0, 255).round().to(torch.uint8).cpu()
-    if arr.shape[0] == 3 and arr.dim() == 3:
-        arr = arr.permute(1, 2, 0)
-    return Image.fromarray(arr.numpy(), mode="RGB")
+    x = x.detach().float().cpu()
+    if getattr(image_processor, "do_normalize", True):
+        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(-1, 1, 1)
+        x = x * std + mean
+    scale = float(getattr(image_processor, "rescale_factor", 1 / 255)) if getattr(image_processor, "do_rescale", True) else 1.0
+    arr = (x / scale).clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr, mode="RGB")
 
 
 def center_square(img: Any, side: int) -> Any:

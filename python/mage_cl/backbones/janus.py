@@ -29,8 +29,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .base import BackboneError, open_image
-from .hf import BackboneModel, HFBackbone, ModelOutput, PlanStep, first_line
+from .base import BackboneError, model_cache, open_image
+from .hf import BackboneModel, HFBackbone, ModelOutput, PlanStep, first_line, pil_from_pixels
 
 __all__ = ["JanusBackbone", "JanusLM"]
 
@@ -66,7 +66,7 @@ class JanusLM(BackboneModel):
                 emb = emb.masked_scatter(slots, feats.reshape(-1, emb.shape[-1]).to(emb.dtype))
             kw = {"cache": cache} if cache is not None else {}
             out = hf.model.language_model(inputs_embeds=emb, attention_mask=attention_mask,
-                                          position_ids=position_ids, use_cache=use_cache, **kw)
+                                          position_ids=position_ids, use_cache=bool(use_cache), **kw)
             h = out.last_hidden_state
             image_mode = is_code | (input_ids == self.boi_id)
             if logits_to_keep:
@@ -77,7 +77,7 @@ class JanusLM(BackboneModel):
         low = torch.finfo(torch.float32).min
         mode = image_mode.unsqueeze(-1)
         logits = torch.cat([text_logits.masked_fill(mode, low), code_logits.masked_fill(~mode, low)], -1)
-        return ModelOutput(logits, getattr(out, "cache", None) or getattr(out, "past_key_values", None))
+        return ModelOutput(logits, model_cache(out))
 
 
 def _hf(model: nn.Module) -> nn.Module:
@@ -175,5 +175,5 @@ class JanusBackbone(HFBackbone):
         hf = _hf(model)
         dev = next(hf.parameters()).device
         codes = torch.tensor([int(t) - self.text_vocab for t in generated[1:]], dtype=torch.long, device=dev)
-        pixels = hf.decode_image_tokens(codes[None])  # [1, H, W, 3], the processor's normalization
-        return self.processor.postprocess(list(pixels.float().cpu()), return_tensors="PIL.Image.Image")["pixel_values"][0]
+        pixels = hf.model.vqmodel.decode(codes[None])  # [1, 3, H, W] in the processor's normalized space
+        return pil_from_pixels(pixels[0], self.processor.image_processor)

@@ -34,6 +34,7 @@ HAL (a well-formed image of the wrong content).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple, Union
@@ -94,6 +95,13 @@ class ClipScorer:
             raise ClipError(f"--clip {path}: no such directory (a local transformers CLIP checkpoint)")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ClipError(f"--clip {path} is not a transformers checkpoint (no config.json in it)")
+        try:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ClipError(f"--clip {path}/config.json cannot be read: {_first_line(exc)}") from None
+        if model_type != "clip":
+            raise ClipError(f"--clip {path} has model_type {model_type!r}: not a CLIPModel checkpoint")
         try:
             model = CLIPModel.from_pretrained(path, local_files_only=True)
         except Exception as exc:
