@@ -427,6 +427,15 @@ def test_missing_or_unreadable_images_are_named_with_file_and_line(ckpt, tmp_pat
     (d / "tr1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     with pytest.raises(BackboneError, match=r"VQAv2/train.jsonl:2: image '.*tr1.png' cannot be read"):
         load_backbone_task("VQAv2", str(d / "train.jsonl"), str(d / "test.json"), bb)
+    from PIL import Image
+
+    jpg = d / "tr1.jpg"
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(jpg, quality=90)
+    jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])  # a truncated JPEG: its header still reads
+    lines = (d / "train.jsonl").read_text().replace("tr1.png", "tr1.jpg")
+    (d / "train.jsonl").write_text(lines)
+    with pytest.raises(BackboneError, match=r"VQAv2/train.jsonl:2: image '.*tr1.jpg' cannot be read .*[Tt]runcated"):
+        load_backbone_task("VQAv2", str(d / "train.jsonl"), str(d / "test.json"), bb)
     h = data / "HQEdit"
     (h / "target images" / "t2.png").unlink()
     with pytest.raises(BackboneError, match=r"HQEdit/train.jsonl:3: image '.*target images/t2.png' not found"):

@@ -268,6 +268,13 @@ def test_user_errors_are_one_line_before_training(env, tmp_path, capsys, monkeyp
             "--clip-threshold")
     _refuse(capsys, monkeypatch, ["--dtype", "bf16"], "--dtype applies to a --model checkpoint")
     _refuse(capsys, monkeypatch, ["--tasks", "vqa,coco"], "--tasks", "unknown task 'coco'")
+    # a sample longer than the model's context (the tiny models have 512 positions)
+    long = make_data(tmp_path / "long", ["VQAv2"])
+    recs = (long / "VQAv2" / "train.jsonl").read_text().splitlines()
+    recs[1] = recs[1].replace("Is it bright?", "Is it bright? " + "very " * 120)
+    (long / "VQAv2" / "train.jsonl").write_text("\n".join(recs) + "\n")
+    _refuse(capsys, monkeypatch, ["--model", j, "--data-dir", str(long)], "VQAv2/train.jsonl:2",
+            "longer than the model's context (512 positions)")
     # a missing and an unreadable image, named by annotation file and line
     bad = make_data(tmp_path / "bad", ["VQAv2", "Flickr30k"])
     (bad / "Flickr30k" / "tr2.png").unlink()

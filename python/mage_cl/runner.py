@@ -265,6 +265,15 @@ def _load_checkpoint_workload(opts: RunOptions, preset: Preset, names: List[str]
         except (ValueError, OSError) as exc:  # malformed annotations, bad images, CLIP: one clear line
             raise UsageError(f"{name}: {exc}") from None
     names = [n for n in names if n in tasks]
+    longest = bb.max_positions
+    if longest is not None:
+        for name in names:
+            t = tasks[name]
+            for e, n in [(e, bb.num_tokens(e)) for e in t.train] + [(e, bb.prompt_tokens(e) + t.max_new_tokens)
+                                                                     for e in t.test]:
+                if n > longest:
+                    raise UsageError(f"{e.meta.get('source')}: a {realdata.ALL_TASKS[name]} sample of {n} tokens is "
+                                     f"longer than the model's context ({longest} positions)")
     budget = preset.train.max_batch_tokens
     if budget is not None:
         for name in names:

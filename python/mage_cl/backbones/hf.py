@@ -170,6 +170,15 @@ class HFBackbone(Backbone):
         self.pad_id = int(tok.pad_token_id) if tok.pad_token_id is not None else self.eos_id
         self.bos_id = None if tok.bos_token_id is None else int(tok.bos_token_id)
 
+    @property
+    def max_positions(self) -> Optional[int]:
+        """The language model's context length (``max_position_embeddings``), when the config gives it."""
+        for cfg in (self.config.get("text_config") or {}, self.config):
+            v = cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None
+            if v:
+                return int(v)
+        return None
+
     def token_id(self, token: str, what: str) -> int:
         """The id of a special token the family needs (a clear error when the tokenizer lacks it)."""
         tid = self.tokenizer.convert_tokens_to_ids(token) if token is not None else None
