@@ -3,7 +3,11 @@
 Subcommands::
 
     mage-cl run     --method mage --order default --preset quick [--seed 0] [--out DIR]
-                    [--resume | --overwrite] [--model PATH --data-dir DIR] [--backend auto|torch|triton|cuda]
+                    [--resume | --overwrite] [--model PATH --data-dir DIR [--clip DIR]]
+                    [--backend auto|torch|triton|cuda] [--tasks vqa,...]
+                    [--backbone janus|emu3|chameleon|causal-lm] [--dtype auto|bf16|fp32]
+                    [--attn-implementation sdpa|eager|flash_attention_2] [--gradient-checkpointing]
+                    [--max-batch-tokens N] [--image-size PX] [--image-guidance G] [--max-examples N]
     mage-cl compare --methods lora,mage,...|all [--jobs N] [same options]
     mage-cl demo    [--steps 20]
 
@@ -55,6 +59,21 @@ def _int_in(lo: int, hi: Optional[int] = None):
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if v < lo or (hi is not None and v > hi):
             raise argparse.ArgumentTypeError(f"must be {f'>= {lo}' if hi is None else f'in [{lo}, {hi}]'}, got {v}")
+        return v
+
+    return parse
+
+
+def _float_at_least(lo: float):
+    """An argparse type: a finite number ``>= lo``."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not (v >= lo and v != float("inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {lo:g}, got {text}")
         return v
 
     return parse
@@ -113,6 +132,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-stages", type=_int_in(1), default=None, metavar="N",
                    help="stop after this many stages (continue later with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of the order, e.g. vqa,ocr (ids or paper names)")
+    m = p.add_argument_group("real checkpoints (--model)")
+    m.add_argument("--backbone", default=None, help="model family: janus | emu3 | chameleon | causal-lm "
+                   "(default: detected from the checkpoint's config.json)")
+    m.add_argument("--clip", default=None, help="local transformers CLIPModel checkpoint judging Flickr30k / HQEdit")
+    m.add_argument("--clip-threshold", default="auto", help="CLIP score (0-100) an image needs to count as correct; "
+                   "auto: the 10th percentile of the task's real training pairs")
+    m.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, fp32 on CPU) | bf16 | fp32")
+    m.add_argument("--attn-implementation", default="sdpa", help="sdpa | eager | flash_attention_2 (needs flash-attn)")
+    m.add_argument("--gradient-checkpointing", action="store_true", help="recompute the LM's activations in backward")
+    m.add_argument("--max-batch-tokens", type=_int_in(1), default=None, metavar="N",
+                   help="split each batch into micro-batches of at most this many padded tokens")
+    m.add_argument("--image-size", type=_int_in(16), default=None, metavar="PX", help="side in pixels of generated images (Emu3; default 512)")
+    m.add_argument("--image-guidance", type=_float_at_least(1.0), default=None, metavar="G",
+                   help="classifier-free guidance of image generation (1: off; default Janus 5, Emu3 3)")
+    m.add_argument("--max-examples", type=_int_in(1), default=None, metavar="N", help="train and test examples per task (the first ones)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -149,7 +184,11 @@ def _options(args):
         method=getattr(args, "method", "mage"), order=args.order, preset=args.preset, seed=args.seed,
         out=args.out, resume=args.resume, overwrite=args.overwrite, model_path=args.model_path,
         data_dir=args.data_dir, backend=args.backend, progress=not args.no_progress,
-        max_stages=args.max_stages, steps_per_task=args.steps_per_task,
+        max_stages=args.max_stages, steps_per_task=args.steps_per_task, tasks=args.tasks,
+        backbone=args.backbone, clip=args.clip, clip_threshold=args.clip_threshold, dtype=args.dtype,
+        attn_implementation=args.attn_implementation, gradient_checkpointing=args.gradient_checkpointing,
+        max_batch_tokens=args.max_batch_tokens, image_size=args.image_size, image_guidance=args.image_guidance,
+        max_examples=args.max_examples,
     )
 
 
@@ -170,6 +209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     from . import distributed, runner
+    from .backbones import BackboneError
     from .checkpoint import CheckpointError
 
     distributed.init()
@@ -187,7 +227,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if distributed.is_main():
                 print(md, end="")
                 print(f"mage-cl: comparison written to {out}/")
-    except (runner.UsageError, CheckpointError) as exc:
+    except (runner.UsageError, CheckpointError, BackboneError) as exc:
         print(f"mage-cl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

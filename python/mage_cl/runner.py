@@ -5,10 +5,15 @@ does; the CLI (:mod:`mage_cl.cli`) only parses arguments. Two data/model sources
 
 * the embedded digits benchmark (default): :func:`mage_cl.tasks.build_tasks` and the
   small pretrained joint-vocabulary LLaMA of :mod:`mage_cl.model`;
-* ``model_path`` + ``data_dir``: a local transformers checkpoint and Continual-NExT
-  annotation files (``<data_dir>/<task>/train.jsonl`` and ``<data_dir>/<task>/test.json``
-  for the text-output tasks found there; ``<task>`` is ``vqa`` or ``VQAv2``, ``classification``
-  or ``ImageNet``, ``ocr`` or ``OCRVQA``, ``grounding`` or ``RefCOCO``), loaded by :mod:`mage_cl.tasks.realdata`.
+* ``model_path`` + ``data_dir``: a local transformers checkpoint -- Janus, Emu3, Chameleon
+  or a text-only causal LM, detected from its config (:mod:`mage_cl.backbones`) -- and the
+  Continual-NExT annotation files of the tasks found there (``<data_dir>/<task>/train.jsonl``
+  and ``test.json``, ``<task>`` the short id or the paper name; images relative to the task
+  folder), loaded by :mod:`mage_cl.tasks.realdata`; Flickr30k and HQEdit are judged with the
+  CLIP checkpoint ``clip`` (:mod:`mage_cl.tasks.clip_judge`). Everything the user can get
+  wrong -- the checkpoint, its processor, the family, an image file, the CLIP checkpoint, an
+  image-output task the family cannot train, an example over the token budget -- is checked
+  before the weights are loaded and before any training.
 
 A run writes ``<out>/checkpoint.{pt,json}`` after every stage (rank 0 only) and, when
 finished, its results directory (:mod:`mage_cl.results`).
@@ -34,6 +39,7 @@ import mage_kernels as mk
 
 from . import checkpoint, distributed, results
 from .methods import METHODS, make_method
+from .methods.base import MethodConfig
 from .presets import Preset, get_preset
 from .trainer import Sequencer, StageResult
 
@@ -62,7 +68,18 @@ class RunOptions:
     progress: bool = True
     max_stages: Optional[int] = None  # stop after this many stages (a deliberate interruption)
     steps_per_task: Optional[int] = None  # override the preset's
-
+    # real checkpoints (--model); see mage_cl.backbones.BackboneOptions and mage_cl.tasks.clip_judge
+    backbone: Optional[str] = None  # family; None: detected from the checkpoint's config
+    tasks: Optional[str] = None  # comma-separated subset of the order (short ids or paper names)
+    clip: Optional[str] = None  # CLIP checkpoint directory judging Flickr30k / HQEdit
+    clip_threshold: str = "auto"  # CLIP score an image needs to count as correct ("auto" or 0-100)
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+    max_batch_tokens: Optional[int] = None  # padded tokens per micro-batch
+    image_size: Optional[int] = None
+    image_guidance: Optional[float] = None
+    max_examples: Optional[int] = None  # train and test examples per task (the first ones)
 
 def _validate(opts: RunOptions) -> Preset:
     from .tasks import ORDERS
@@ -85,12 +102,62 @@ def _validate(opts: RunOptions) -> Preset:
     _check_int("seed", opts.seed, 0)
     _check_int("steps_per_task", opts.steps_per_task, 1, optional=True)
     _check_int("max_stages", opts.max_stages, 1, optional=True)
+    _validate_model_options(opts)
     if opts.resume and opts.overwrite:
         raise UsageError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
     if opts.steps_per_task is not None:
         preset = replace(preset, train=replace(preset.train, steps_per_task=int(opts.steps_per_task)))
+    if opts.max_batch_tokens is not None:
+        preset = replace(preset, train=replace(preset.train, max_batch_tokens=int(opts.max_batch_tokens)))
     preset = replace(preset, train=replace(preset.train, seed=opts.seed))
     return preset
+
+
+def _validate_model_options(opts: RunOptions) -> None:
+    """The real-checkpoint options: valid values, and none of them without ``--model``."""
+    from .backbones import BACKBONE_NAMES
+
+    if opts.tasks is not None:
+        _task_subset(opts.tasks, [])
+    if opts.max_batch_tokens is not None and int(opts.max_batch_tokens) < 1:
+        raise UsageError(f"--max-batch-tokens must be >= 1, got {opts.max_batch_tokens}")
+    if opts.max_examples is not None and int(opts.max_examples) < 1:
+        raise UsageError(f"--max-examples must be >= 1, got {opts.max_examples}")
+    if opts.image_size is not None and int(opts.image_size) < 1:
+        raise UsageError(f"--image-size must be >= 1, got {opts.image_size}")
+    if str(opts.clip_threshold).strip().lower() != "auto":
+        try:
+            tau = float(opts.clip_threshold)
+        except (TypeError, ValueError):
+            raise UsageError(f"--clip-threshold must be 'auto' or a CLIP score in [0, 100], got {opts.clip_threshold!r}") from None
+        if not 0.0 <= tau <= 100.0:
+            raise UsageError(f"--clip-threshold must be in [0, 100] (a CLIP score), got {tau}")
+    if opts.backbone is not None and opts.backbone not in BACKBONE_NAMES:
+        raise UsageError(f"unknown --backbone {opts.backbone!r}; choose from {', '.join(BACKBONE_NAMES)}")
+    if opts.model_path is None:
+        only_model = [flag for flag, on in (
+            ("--backbone", opts.backbone not in (None, "tiny")), ("--clip", opts.clip is not None),
+            ("--clip-threshold", opts.clip_threshold != "auto"), ("--dtype", opts.dtype != "auto"),
+            ("--attn-implementation", opts.attn_implementation != "sdpa"),
+            ("--gradient-checkpointing", opts.gradient_checkpointing), ("--image-size", opts.image_size is not None),
+            ("--image-guidance", opts.image_guidance is not None), ("--max-examples", opts.max_examples is not None),
+        ) if on]
+        if only_model:
+            raise UsageError(f"{', '.join(only_model)} applies to a --model checkpoint; the embedded tiny model "
+                             "runs in float32 on its own digits data")
+
+
+def _task_subset(spec: str, names: Sequence[str]) -> List[str]:
+    """``names`` restricted to the comma-separated task ids / paper names of ``--tasks`` (order kept)."""
+    from .tasks.realdata import canonical_task_name
+
+    try:
+        want = [canonical_task_name(t.strip()) for t in spec.split(",") if t.strip()]
+    except ValueError as exc:
+        raise UsageError(f"--tasks: {exc}") from None
+    if not want:
+        raise UsageError("--tasks is empty")
+    return [n for n in names if n in want]
 
 
 def _check_int(name: str, value, lo: int, optional: bool = False) -> None:
@@ -141,7 +208,7 @@ def check_out(out: Path, opts: RunOptions) -> None:
 
 
 class Workload:
-    """Tasks, the frozen base model and token ids for a run (shared by every method of a comparison).
+    """Tasks, the frozen base model, its backbone and token ids for a run (shared by every method of a comparison).
 
     The base model is built on first use of :attr:`base_model` (for the embedded benchmark that
     means pretraining it, or reading it from the cache), so that a run can check its options and
@@ -149,12 +216,13 @@ class Workload:
     """
 
     def __init__(self, tasks, names: List[str], base_model, pad_id: int, eos_id: int, info: Dict[str, object],
-                 loader: Optional[Callable[[], torch.nn.Module]] = None):
+                 loader: Optional[Callable[[], torch.nn.Module]] = None, backbone=None):
         if (base_model is None) == (loader is None):
             raise ValueError("Workload needs exactly one of base_model and loader")
         self.tasks, self.names = tasks, names
         self._base, self._loader = base_model, loader
         self.pad_id, self.eos_id, self.info = pad_id, eos_id, info
+        self.backbone = backbone
 
     @property
     def base_model(self):
@@ -169,33 +237,10 @@ def prepare(opts: RunOptions, preset: Preset) -> Workload:
     from .tasks import order_names
 
     names = order_names(opts.order)
+    if opts.tasks is not None:
+        names = _task_subset(opts.tasks, names)
     if opts.model_path is not None:
-        from .model import load_local_model
-        from .tasks import realdata
-
-        found = {}
-        for name in names:
-            if name not in TEXT_OUTPUT_TASKS:
-                continue
-            for folder_name in (name, getattr(realdata, "TEXT_TASKS", {}).get(name, name)):
-                folder = Path(opts.data_dir) / folder_name
-                train, test = folder / "train.jsonl", folder / "test.json"
-                if train.exists() and test.exists():
-                    found[name] = (train, test)
-                    break
-        if not found:
-            raise UsageError(f"--data-dir {opts.data_dir}: found no <task>/train.jsonl + <task>/test.json for the "
-                             f"text-output tasks {', '.join(TEXT_OUTPUT_TASKS)}")
-        model, tok = load_local_model(opts.model_path)
-        tasks = {}
-        for name, (tr, te) in found.items():
-            try:
-                tasks[name] = realdata.load_task(name, str(tr), str(te), tok)
-            except (ValueError, OSError) as exc:  # malformed annotations: one clear line
-                raise UsageError(f"{name}: {exc}") from None
-        names = [n for n in names if n in tasks]
-        info = {"model": os.path.abspath(opts.model_path), "data": os.path.abspath(opts.data_dir)}
-        return Workload(tasks, names, model, tok.pad_token_id, tok.eos_token_id, info)
+        return _prepare_checkpoint(opts, preset, names)
     from .model import base_model_key, load_pretrained
     from .tasks import build_tasks
     from .vocab import Vocab
@@ -217,13 +262,122 @@ def prepare(opts: RunOptions, preset: Preset) -> Workload:
         info["pretrain_loss"] = got.get("loss")
         return model
 
-    return Workload(tasks, names, None, vocab.pad_id, vocab.eos_id, info, loader=load)
+    from .backbones import TinyBackbone
+
+    return Workload(tasks, names, None, vocab.pad_id, vocab.eos_id, info, loader=load, backbone=TinyBackbone(vocab))
+
+@contextlib.contextmanager
+def _hf_progress(enabled: bool):
+    """transformers' own progress bars (weight loading) on or off inside the block, then as before."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def _prepare_checkpoint(opts: RunOptions, preset: Preset, names: List[str]) -> Workload:
+    """Tasks and model of a ``--model`` run; every user error is a :class:`UsageError` before the weights load."""
+    with _hf_progress(opts.progress and distributed.is_main()):
+        return _load_checkpoint_workload(opts, preset, names)
+
+
+def _load_checkpoint_workload(opts: RunOptions, preset: Preset, names: List[str]) -> Workload:
+    from . import backbones
+    from .tasks import realdata
+    from .tasks.clip_judge import ClipError, ClipJudge, ClipScorer, resolve_threshold
+
+    bopts = backbones.BackboneOptions(
+        dtype=opts.dtype, attn_implementation=opts.attn_implementation,
+        gradient_checkpointing=opts.gradient_checkpointing, image_size=opts.image_size,
+        guidance_scale=opts.image_guidance)
+    try:
+        bb = backbones.open_backbone(opts.model_path, opts.backbone, bopts)
+    except backbones.BackboneError as exc:
+        raise UsageError(str(exc)) from None
+    found = {}
+    for name in names:
+        files = realdata.find_task_files(opts.data_dir, name)
+        if files is not None:
+            found[name] = files
+        elif opts.tasks is not None:
+            raise UsageError(f"--tasks {name}: --data-dir {opts.data_dir} has no {realdata.ALL_TASKS[name]}/ (or "
+                             f"{name}/) with train.jsonl and test.json")
+    if not found:
+        raise UsageError(f"--data-dir {opts.data_dir}: found no <task>/train.jsonl + <task>/test.json for any task "
+                         f"({', '.join(f'{k}/{v}' for k, v in realdata.ALL_TASKS.items())})")
+    image_tasks = [n for n in found if n in realdata.IMAGE_TASKS]
+    if image_tasks and not bb.writes_images:
+        raise UsageError(f"{', '.join(realdata.ALL_TASKS[n] for n in image_tasks)} (in --data-dir {opts.data_dir}) "
+                         f"answer with images: {bb.image_output_refusal}")
+    scorer = None
+    thresholds: Dict[str, object] = {}
+    if image_tasks:
+        if opts.clip is None:
+            raise UsageError(f"{', '.join(realdata.ALL_TASKS[n] for n in image_tasks)} are judged by CLIP score: "
+                             "pass --clip DIR (a local transformers CLIPModel checkpoint)")
+        try:
+            scorer = ClipScorer.load(opts.clip)
+        except ClipError as exc:
+            raise UsageError(str(exc)) from None
+
+    def judge_for(name):
+        def factory(train):
+            ref = [(e.meta["target_image"], e.meta["clip_text"]) for e in train if e.meta.get("target_image")]
+            tau, how = resolve_threshold(opts.clip_threshold, scorer, ref)
+            thresholds[name] = {"tau": tau, "how": how}
+            return ClipJudge(scorer, tau, bb.decode_image, bb.image_start_id)
+        return factory
+
+    tasks = {}
+    for name, (tr, te) in found.items():
+        try:
+            tasks[name] = realdata.load_backbone_task(
+                name, tr, te, bb, opts.max_examples, judge_for(name) if name in image_tasks else None,
+                progress=opts.progress and distributed.is_main())
+        except (ValueError, OSError) as exc:  # malformed annotations, bad images, CLIP: one clear line
+            raise UsageError(f"{name}: {exc}") from None
+    names = [n for n in names if n in tasks]
+    longest = bb.max_positions
+    if longest is not None:
+        for name in names:
+            t = tasks[name]
+            for e, n in [(e, bb.num_tokens(e)) for e in t.train] + [(e, bb.prompt_tokens(e) + t.max_new_tokens)
+                                                                     for e in t.test]:
+                if n > longest:
+                    raise UsageError(f"{e.meta.get('source')}: a {realdata.ALL_TASKS[name]} sample of {n} tokens is "
+                                     f"longer than the model's context ({longest} positions)")
+    budget = preset.train.max_batch_tokens
+    if budget is not None:
+        for name in names:
+            for e in tasks[name].train:
+                n = bb.num_tokens(e)
+                if n > budget:
+                    raise UsageError(f"{e.meta.get('source')}: a {realdata.ALL_TASKS[name]} sample of {n} tokens does "
+                                     f"not fit --max-batch-tokens {budget}")
+    try:
+        model = bb.load_model()
+    except backbones.BackboneError as exc:
+        raise UsageError(str(exc)) from None
+    info = {"model": os.path.abspath(opts.model_path), "data": os.path.abspath(opts.data_dir), **bb.describe()}
+    if scorer is not None:
+        info.update(clip=os.path.abspath(opts.clip), clip_threshold=thresholds)
+    return Workload(tasks, names, model, bb.pad_id, bb.eos_id, info, backbone=bb)
+
+
 
 
 def _config(opts: RunOptions, preset: Preset, work: Workload) -> Dict[str, object]:
+    train = asdict(preset.train)
+    if train.get("max_batch_tokens") is None:  # absent as before the option existed: old checkpoints still resume
+        train.pop("max_batch_tokens", None)
+    extra = {k: work.info[k] for k in ("backbone", "dtype", "clip", "clip_threshold") if k in work.info}
     return {"method": opts.method, "order": opts.order, "preset": opts.preset, "seed": opts.seed,
             "model": work.info["model"], "data": work.info["data"], "tasks": work.names,
-            "train": asdict(preset.train), "world_size": distributed.world_size()}
+            "train": train, "world_size": distributed.world_size(), **extra}
 
 
 def _device_name(dev: torch.device) -> str:
@@ -330,6 +484,7 @@ def _run(opts: RunOptions, preset: Preset, out: Path, work: Optional[Workload], 
     t_start = time.perf_counter()
     _STATUS.clear()
     _STATUS.update(phase="prepare", out=out)
+    own = work is None  # a workload of its own: train the loaded model itself (no copy of a large model)
     work = work or prepare(opts, preset)
     method = make_method(opts.method)
     n_stages = 1 if method.joint else len(work.names)
@@ -346,7 +501,10 @@ def _run(opts: RunOptions, preset: Preset, out: Path, work: Optional[Workload], 
         if removed:
             _say(f"--overwrite: removed the previous run in {out} ({', '.join(removed)})")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model = copy.deepcopy(work.base_model).to(device)
+    model = (work.base_model if own else copy.deepcopy(work.base_model)).to(device)
+    config_of_backbone = _method_config(work, model)
+    if config_of_backbone is not None:  # adapters on the backbone's language model
+        method = make_method(opts.method, config_of_backbone)
     torch.manual_seed(opts.seed)  # adapter initialization (A ~ N(0, 0.01^2), MoELoRA router)
     method.setup(model)
     if payload is not None:
@@ -387,7 +545,7 @@ def _run(opts: RunOptions, preset: Preset, out: Path, work: Optional[Workload], 
             raise _Stop()
 
     seq = Sequencer(model, method, work.tasks, work.names, preset.train, work.pad_id, work.eos_id,
-                    progress=opts.progress)
+                    progress=opts.progress, backbone=work.backbone)
     done = start >= n_stages and bool(stages)
     if not done:
         try:
@@ -408,6 +566,20 @@ def _run(opts: RunOptions, preset: Preset, out: Path, work: Optional[Workload], 
         with _DeferInterrupt():
             results.write_run(out, record)
     return record
+
+
+def _method_config(work: Workload, model) -> Optional[MethodConfig]:
+    """Adapters on the backbone's language-model linears (``None``: the methods' default, the tiny model's)."""
+    from .backbones import HFBackbone
+
+    bb = work.backbone
+    if not isinstance(bb, HFBackbone):
+        return None
+    try:
+        targets = tuple(bb.target_modules(model))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return MethodConfig(target_modules=targets, adapter_dtype=bb.adapter_dtype)
 
 
 class _Stop(Exception):

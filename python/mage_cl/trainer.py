@@ -10,7 +10,13 @@ IUF / HAL / OTH matrices are filled alongside (SPEC section 5).
 
 The loss is the mean over samples of each sample's mean target-token loss
 (:func:`mage_cl.methods.base.batch_loss`), which is what the per-sample Fisher
-(``mk.Fisher(loss_reduction="mean")``, SPEC section 2) expects. Under DDP
+(``mk.Fisher(loss_reduction="mean")``, ALGORITHM.md §2) expects. With
+``max_batch_tokens`` each step's batch is split into micro-batches of at most that many
+padded tokens whose gradients (and per-sample Fisher sums) accumulate into the same step:
+micro-batch ``m`` of ``n_m`` samples contributes ``(n_m / N) * mean_m``, so the step's loss
+and gradient are those of the whole batch. A real model's batches, loss and generation
+come from its backbone (:mod:`mage_cl.backbones`; ``backbone=None``: the token-id examples
+of the embedded benchmark, with :func:`collate`, ``batch_loss`` and :func:`greedy_generate`). Under DDP
 (:mod:`mage_cl.distributed`) each rank trains on its slice of every global
 batch, the Fisher is synced before the method reads it, and evaluation counts
 are summed over ranks.
@@ -18,6 +24,7 @@ are summed over ranks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -51,6 +58,7 @@ class TrainConfig:
     max_eval: Optional[int] = None  # test examples per task (None: all)
     consolidate_batches: Optional[int] = 8  # batches an after_task pass (EWC, PGP) may read (None: all)
     seed: int = 0
+    max_batch_tokens: Optional[int] = None  # padded tokens per micro-batch (None: the whole batch at once)
 
 
 @dataclass
@@ -101,6 +109,42 @@ def _batches(examples: Sequence[Example], batch_size: int, steps: int, seed: int
         order = order[batch_size:]
 
 
+def _collate(backbone, examples: Sequence[Example], model: nn.Module, pad_id: int, device: torch.device):
+    return collate(examples, pad_id, device) if backbone is None else backbone.collate(examples, model, device)
+
+
+def _loss(backbone, model: nn.Module, batch) -> torch.Tensor:
+    return batch_loss(model, batch) if backbone is None else backbone.loss(model, batch)
+
+
+def _num_tokens(backbone, e: Example) -> int:
+    return len(e.prompt) + len(e.target) if backbone is None else int(backbone.num_tokens(e))
+
+
+def micro_batches(examples: Sequence[Example], max_tokens: Optional[int], backbone=None) -> List[List[Example]]:
+    """Split one batch into micro-batches of at most ``max_tokens`` padded tokens (rows x longest).
+
+    Examples are grouped by length (longest first) so padding stays small; a single example
+    longer than the budget is a micro-batch of its own (the runner refuses such data up front).
+    ``max_tokens=None`` keeps the batch whole, in its order.
+    """
+    if max_tokens is None or not examples:
+        return [list(examples)]
+    sized = sorted(((_num_tokens(backbone, e), k) for k, e in enumerate(examples)), reverse=True)
+    groups: List[List[Example]] = []
+    cur: List[Example] = []
+    longest = 0
+    for n, k in sized:
+        if cur and max(longest, n) * (len(cur) + 1) > max_tokens:
+            groups.append(cur)
+            cur, longest = [], 0
+        cur.append(examples[k])
+        longest = max(longest, n)
+    if cur:
+        groups.append(cur)
+    return groups
+
+
 # ---------------------------------------------------------------------------------------- generation
 
 
@@ -147,33 +191,66 @@ def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_
 
 
 def evaluate_task(model: nn.Module, task: Task, pad_id: int, eos_id: int, batch_size: int = 64,
-                  max_eval: Optional[int] = None) -> Dict[str, float]:
-    """Rates (0-100) of correct answers and of each error type on ``task.test`` (summed over ranks)."""
+                  max_eval: Optional[int] = None, backbone=None, max_tokens: Optional[int] = None,
+                  progress: bool = False) -> Dict[str, float]:
+    """Rates (0-100) of correct answers and of each error type on ``task.test`` (summed over ranks).
+
+    With a ``backbone`` the answers are its :meth:`~mage_cl.backbones.Backbone.generate`; chunks
+    of ``batch_size`` prompts are split further so that ``rows * (prompt + answer tokens)``
+    stays within ``max_tokens``. When the judge gives scores (the CLIP judge), ``"score"``
+    is their mean over the examples that have one.
+    """
+    from tqdm.auto import tqdm
+
     tests = task.test if max_eval is None else task.test[:max_eval]
     mine = distributed.shard(list(range(len(tests))))
-    counts = torch.zeros(1 + len(ERROR_TYPES), dtype=torch.float64)
+    counts = torch.zeros(1 + len(ERROR_TYPES) + 2, dtype=torch.float64)  # correct, IUF, HAL, OTH, score sum, scored
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(mine), desc=f"eval {task.name}", disable=not progress or not distributed.is_main(),
+               leave=False)
     try:
         for s in range(0, len(mine), batch_size):
             chunk = [tests[i] for i in mine[s: s + batch_size]]
-            outs = greedy_generate(model, [e.prompt for e in chunk], task.max_new_tokens, pad_id, eos_id)
-            for e, g in zip(chunk, outs):
-                v = task.judge(g, e)
-                counts[0 if v.correct else 1 + ERROR_TYPES.index(v.error)] += 1
+            for part in _eval_parts(chunk, task, backbone, max_tokens):
+                if backbone is None:
+                    outs = greedy_generate(model, [e.prompt for e in part], task.max_new_tokens, pad_id, eos_id)
+                else:
+                    outs = backbone.generate(model, part, task)
+                for e, g in zip(part, outs):
+                    v = task.judge(g, e)
+                    counts[0 if v.correct else 1 + ERROR_TYPES.index(v.error)] += 1
+                    if getattr(v, "score", None) is not None:
+                        counts[-2] += float(v.score)
+                        counts[-1] += 1
+                bar.update(len(part))
     finally:
+        bar.close()
         model.train(was_training)
     distributed.all_reduce_sum(counts)
-    n = max(1.0, float(counts.sum()))
-    rates = (100.0 * counts / n).tolist()
-    return {"acc": rates[0], "IUF": rates[1], "HAL": rates[2], "OTH": rates[3], "n": int(counts.sum())}
+    n = max(1.0, float(counts[:4].sum()))
+    rates = (100.0 * counts[:4] / n).tolist()
+    out = {"acc": rates[0], "IUF": rates[1], "HAL": rates[2], "OTH": rates[3], "n": int(counts[:4].sum())}
+    if counts[-1] > 0:
+        out["score"] = float(counts[-2] / counts[-1])
+    return out
+
+
+def _eval_parts(chunk: List[Example], task: Task, backbone, max_tokens: Optional[int]) -> List[List[Example]]:
+    if max_tokens is None or backbone is None:
+        return [chunk]
+    rows = 2 if task.output == "image" else 1  # classifier-free guidance doubles the image rows
+    size = [rows * (backbone.prompt_tokens(e) + task.max_new_tokens) for e in chunk]
+    from .backbones.base import chunks_by_budget
+
+    return [[chunk[i] for i in g] for g in chunks_by_budget(chunk, size, len(chunk), max_tokens)]
 
 
 # ---------------------------------------------------------------------------------------- training
 
 
 def train_task(model: nn.Module, method: Method, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
-               seed: int, desc: str = "train", progress: bool = False) -> Dict[str, float]:
+               seed: int, desc: str = "train", progress: bool = False, backbone=None) -> Dict[str, float]:
     """``cfg.steps_per_task`` steps of ``method`` on ``examples``; returns tokens, seconds and final loss."""
     from tqdm.auto import tqdm
 
@@ -194,14 +271,29 @@ def train_task(model: nn.Module, method: Method, examples: Sequence[Example], cf
         bar = tqdm(_batches(examples, cfg.batch_size, cfg.steps_per_task, seed), total=cfg.steps_per_task,
                    desc=desc, disable=not progress or not distributed.is_main(), leave=False)
         for global_batch in bar:
-            batch = collate(distributed.shard(global_batch), pad_id, dev)
+            mine = distributed.shard(global_batch)
+            parts = micro_batches(mine, cfg.max_batch_tokens, backbone)
             if fisher is not None:
                 fisher.reset()
-            loss = batch_loss(ddp_model, batch)
-            extra = method.loss_extra(model)
-            total = loss if extra is None else loss + extra
             opt.zero_grad(set_to_none=True)
-            total.backward()
+            step_loss, step_tokens = 0.0, 0
+            for m_idx, part in enumerate(parts):
+                batch = _collate(backbone, part, model, pad_id, dev)
+                share = len(part) / len(mine)  # this micro-batch's part of the mean over the batch
+                if fisher is not None:
+                    fisher.loss_scale = share  # its gradient is share * (1/n_m) sum_n g_n
+                sync = contextlib.nullcontext() if m_idx == len(parts) - 1 or ddp_model is model else ddp_model.no_sync()
+                with sync:
+                    loss = _loss(backbone, ddp_model, batch)
+                    total = loss if len(parts) == 1 else loss * share
+                    if m_idx == 0:
+                        extra = method.loss_extra(model)
+                        total = total if extra is None else total + extra
+                    total.backward()
+                step_loss += float(loss.detach()) * share
+                step_tokens += int(batch["attention_mask"].sum())
+            if fisher is not None:
+                fisher.loss_scale = 1.0
             method.after_backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -211,8 +303,8 @@ def train_task(model: nn.Module, method: Method, examples: Sequence[Example], cf
             if fisher is not None:
                 fisher.sync()  # identical F on every rank before PEMA reads it
             method.after_step(fisher)
-            tokens += int(batch["attention_mask"].sum())
-            losses.append(float(loss.detach()))
+            tokens += step_tokens
+            losses.append(step_loss)
             if not peak:
                 peak = training_bytes(model, opt, method, fisher)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -246,8 +338,13 @@ def training_bytes(model: nn.Module, opt: torch.optim.Optimizer, method: Method,
 
 
 def consolidation_batches(examples: Sequence[Example], cfg: TrainConfig, pad_id: int, device: torch.device,
-                          seed: int) -> Callable[[], Iterator[Dict[str, torch.Tensor]]]:
-    """A re-iterable source of this rank's batches over (a sample of) a task's training set."""
+                          seed: int, backbone=None, model: Optional[nn.Module] = None
+                          ) -> Callable[[], Iterator[Dict[str, torch.Tensor]]]:
+    """A re-iterable source of this rank's batches over (a sample of) a task's training set.
+
+    With ``cfg.max_batch_tokens`` each batch comes as its micro-batches (EWC's and PGP's
+    passes sum or average over samples, so the split changes nothing but the memory).
+    """
     n_batches = math.ceil(len(examples) / cfg.batch_size)
     if cfg.consolidate_batches is not None:
         n_batches = min(n_batches, cfg.consolidate_batches)
@@ -255,8 +352,8 @@ def consolidation_batches(examples: Sequence[Example], cfg: TrainConfig, pad_id:
     def gen():
         for global_batch in _batches(examples, cfg.batch_size, n_batches, seed):
             mine = distributed.shard(global_batch)
-            if mine:
-                yield collate(mine, pad_id, device)
+            for part in (micro_batches(mine, cfg.max_batch_tokens, backbone) if mine else []):
+                yield _collate(backbone, part, model, pad_id, device)
 
     return gen
 
@@ -269,18 +366,20 @@ class Sequencer:
     """
 
     def __init__(self, model: nn.Module, method: Method, tasks: Dict[str, Task], order: Sequence[str],
-                 cfg: TrainConfig, pad_id: int, eos_id: int, progress: bool = False) -> None:
+                 cfg: TrainConfig, pad_id: int, eos_id: int, progress: bool = False, backbone=None) -> None:
         unknown = [n for n in order if n not in tasks]
         if unknown:
             raise ValueError(f"order names tasks {unknown} that are not loaded (have: {sorted(tasks)})")
         self.model, self.method, self.tasks, self.order = model, method, tasks, list(order)
         self.cfg, self.pad_id, self.eos_id, self.progress = cfg, pad_id, eos_id, progress
+        self.backbone = backbone  # None: the token-id examples of the embedded benchmark
         self.device = next(model.parameters()).device
 
     def evaluate(self, names: Sequence[str]) -> Tuple[Dict[str, Dict[str, float]], float]:
         t0 = time.perf_counter()
         res = {n: evaluate_task(self.model, self.tasks[n], self.pad_id, self.eos_id, self.cfg.eval_batch_size,
-                                self.cfg.max_eval) for n in names}
+                                self.cfg.max_eval, self.backbone, self.cfg.max_batch_tokens,
+                                self.progress and self.backbone is not None) for n in names}
         return res, time.perf_counter() - t0
 
     def _stage(self, j: int, name: str, train_stats: Dict[str, float], evals, eval_s: float,
@@ -297,6 +396,8 @@ class Sequencer:
             final_loss=float(train_stats.get("loss", float("nan"))),
             method_state_bytes=state_bytes,
             peak_bytes=int(train_stats.get("peak_bytes", 0)),
+            extra=({"clip_score": {n: r["score"] for n, r in evals.items() if "score" in r}}
+                   if any("score" in r for r in evals.values()) else {}),
         )
 
     def run(self, start_stage: int = 0,
@@ -324,9 +425,11 @@ class Sequencer:
             joint_cfg = TrainConfig(**{**asdict(cfg), "steps_per_task": cfg.steps_per_task * len(self.order)})
             first = self.tasks[self.order[0]]
             m.before_task(first, 0)
-            stats = train_task(self.model, m, union, joint_cfg, self.pad_id, cfg.seed, "multitask", self.progress)
+            stats = train_task(self.model, m, union, joint_cfg, self.pad_id, cfg.seed, "multitask", self.progress,
+                               self.backbone)
             sb = m.state_bytes()
-            m.after_task(first, consolidation_batches(union, cfg, self.pad_id, self.device, cfg.seed))
+            m.after_task(first, consolidation_batches(union, cfg, self.pad_id, self.device, cfg.seed, self.backbone,
+                                                      self.model))
             evals, eval_s = self.evaluate(self.order)
             st = self._stage(len(self.order) - 1, "all", stats, evals, eval_s, sb)
             if on_stage:
@@ -341,10 +444,11 @@ class Sequencer:
             torch.manual_seed(seed)
             m.before_task(task, j)
             stats = train_task(self.model, m, task.train, cfg, self.pad_id, seed,
-                               f"[{j + 1}/{len(self.order)}] {m.name}:{name}", self.progress)
+                               f"[{j + 1}/{len(self.order)}] {m.name}:{name}", self.progress, self.backbone)
             state_bytes = m.state_bytes()  # measured at the end of training, before consolidation frees it
             diag = m.diagnostics()
-            m.after_task(task, consolidation_batches(task.train, cfg, self.pad_id, self.device, seed))
+            m.after_task(task, consolidation_batches(task.train, cfg, self.pad_id, self.device, seed, self.backbone,
+                                                     self.model))
             evals, eval_s = self.evaluate(self.order[: j + 1])
             st = self._stage(j, name, stats, evals, eval_s, state_bytes)
             st.extra.update(diag)

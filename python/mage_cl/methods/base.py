@@ -37,12 +37,20 @@ __all__ = ["MethodConfig", "Method", "LoRA", "ZeroShot", "Multitask", "tensor_by
 
 @dataclass
 class MethodConfig:
-    """Adapter shape shared by all methods: total rank ``r_total`` (paper: 32), alpha 32, dropout 0.05."""
+    """Adapter shape shared by all methods: total rank ``r_total`` (paper: 32), alpha 32, dropout 0.05.
+
+    ``target_modules`` are the linears that get adapters (leaf names, or qualified names relative
+    to the model given to :meth:`Method.setup`; a real backbone passes its language model's
+    q/k/v/o/gate/up/down by qualified name, :meth:`mage_cl.backbones.Backbone.target_modules`).
+    ``adapter_dtype``: the adapters' dtype when it must differ from the base weights' (a bf16
+    model trains float32 adapters under autocast; ``None``: the base weights' dtype).
+    """
 
     r_total: int = 32
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: tuple = mk.LLAMA_TARGETS
+    adapter_dtype: Optional[torch.dtype] = None
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -53,13 +61,16 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 def batch_loss(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean over samples of each sample's mean next-token loss over its target tokens.
 
-    Written as ``(1/N) sum_n loss_n`` so that the per-sample Fisher of SPEC
-    section 2 (``mk.Fisher(loss_reduction="mean")``) sees exactly the samples'
-    losses ``loss_n``.
+    Written as ``(1/N) sum_n loss_n`` so that the per-sample Fisher of ALGORITHM.md
+    §2 (``mk.Fisher(loss_reduction="mean")``) sees exactly the samples'
+    losses ``loss_n``. Every key of ``batch`` but ``labels`` goes to the model (a real
+    backbone's batch also holds ``pixel_values`` and ``logits_to_keep``); when the model
+    returns logits for the last positions only (``logits_to_keep``), the labels are aligned
+    to them.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
     logits = out.logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
+    labels = batch["labels"][:, batch["labels"].shape[1] - out.logits.shape[1] + 1:]
     tok = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
     ).view(labels.shape)
@@ -99,6 +110,12 @@ class Method:
     def inject(self, model: nn.Module) -> None:
         mk.inject(model, self.config.target_modules, r=self.r, alpha=self.config.alpha,
                   dropout=self.config.dropout, num_adapters=self.num_adapters)
+        dtype = self.config.adapter_dtype
+        if dtype is not None:  # e.g. float32 adapters on a bf16 model (the forward runs under autocast)
+            with torch.no_grad():
+                for _, layer in mk.mage_layers(model):
+                    for p in list(layer.lora_A) + list(layer.lora_B):
+                        p.data = p.data.to(dtype)
 
     def setup(self, model: nn.Module) -> None:
         """Inject the adapters into the (frozen) ``model``."""

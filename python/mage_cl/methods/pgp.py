@@ -69,7 +69,7 @@ class PGP(Method):
         try:
             for batch in train_batches():
                 mask_box["mask"] = batch["attention_mask"].bool()
-                self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                self.model(**{k: v for k, v in batch.items() if k != "labels"})
         finally:
             for h in handles:
                 h.remove()

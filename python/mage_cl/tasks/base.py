@@ -3,7 +3,7 @@
 A continual-learning *task* is a list of training and test examples in one joint
 token space (text and image tokens, see :mod:`mage_cl.vocab`), the modalities it
 reads and writes (which decide MAGE's trainable adapters), and a judge that scores
-a generated answer and, when it is wrong, types the error (SPEC section 5).
+a generated answer and, when it is wrong, types the error (ALGORITHM.md §5).
 """
 
 from __future__ import annotations
@@ -26,10 +26,15 @@ class Example:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The judge's answer for one generated sequence."""
+    """The judge's answer for one generated sequence.
+
+    ``score`` is the judge's raw number when it has one (the CLIP score of an image answer,
+    :mod:`mage_cl.tasks.clip_judge`); the trainer reports its mean per task.
+    """
 
     correct: bool
     error: Optional[str] = None  # None when correct, else one of ERROR_TYPES
+    score: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.correct and self.error is not None:
