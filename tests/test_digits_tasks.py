@@ -69,7 +69,7 @@ def test_build_is_deterministic_and_seeded(tasks):
 
 def test_presets_sizes():
     cpu = build_tasks("cpu", seed=0, vocab=V)
-    assert all((len(t.train), len(t.test)) == (400, 100) for t in cpu.values())
+    assert all((len(t.train), len(t.test)) == (1000, 300) for t in cpu.values())
     gpu = build_tasks("gpu", seed=0, vocab=V)
     train_idx, test_idx = global_split(0)
     assert all((len(t.train), len(t.test)) == (len(train_idx), len(test_idx)) for t in gpu.values())
