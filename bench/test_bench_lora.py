@@ -3,8 +3,8 @@
 Every case times ONE training step's layer work on the same input: forward,
 then backward of a fixed output gradient, producing the input gradient (a layer
 inside a network always needs it) and the trainable adapters' gradients. The
-task is "image+text -> text", so adapters 0, 1, 2 train and 3 is frozen (SPEC
-section 1 table); all four adapters take part in the forward.
+task is "image+text -> text", so adapters 0, 1, 2 train and 3 is frozen (ALGORITHM.md
+§1 table); all four adapters take part in the forward.
 
 Cases (group ``lora_linear``):
 

@@ -5,10 +5,10 @@ torch and nvcc are present) registers its kernels as torch ops in the
 ``mage_cuda`` namespace:
 
 ``torch.ops.mage_cuda.pema_update_``
-    the PEMA multi-tensor update (SPEC section 3) in one kernel launch;
+    the PEMA multi-tensor update (ALGORITHM.md §3) in one kernel launch;
 ``torch.ops.mage_cuda.weight_grad_with_fisher``
     the LoRA weight gradient with the in-place per-sample Fisher accumulation
-    (SPEC section 2).
+    (ALGORITHM.md §2).
 
 Each has exactly the schema of the Python-side op of the same name in the
 ``mage`` namespace (``torch.ops.mage.<name>``), which dispatches to it when the

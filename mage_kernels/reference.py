@@ -45,7 +45,7 @@ def lora_linear(
     scaling: float,
     x_lora: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Differentiable reference of the MAGE forward (SPEC section 1).
+    """Differentiable reference of the MAGE forward (ALGORITHM.md §1).
 
     ``y = x W0^T (+ bias) + scaling * (x_lora A^T) B^T``; ``x_lora`` is the
     dropped-out input of the adapters (``None`` means ``x`` itself). Autograd of
@@ -124,7 +124,7 @@ def weight_grad_with_fisher(
         fisher += sum_n (fisher_scale * scale * g_n^T diag(w_n) x_n) ** 2
 
     where ``w`` is the optional per-token weight (``[M]``; 0 for padding). The
-    caller divides by the number of samples seen (SPEC section 2).
+    caller divides by the number of samples seen (ALGORITHM.md §2).
     """
     grad = scale * (g.t() @ x)
     if fisher is not None:
@@ -151,7 +151,7 @@ def pema_update_(
     lam: float = 1e-5,
     beta_fallback: float = 0.99,
 ) -> torch.Tensor:
-    """PEMA (SPEC section 3), the readable per-tensor reference, in place on ``emas``.
+    """PEMA (ALGORITHM.md §3), the readable per-tensor reference, in place on ``emas``.
 
     Per element: ``beta = (g + 1) / (F * (theta - theta*) + lam)``; where
     ``beta`` is not strictly inside ``(0, 1)`` (NaN and inf included) it becomes
@@ -184,7 +184,7 @@ def pema_update_foreach_(
     lam: float = 1e-5,
     beta_fallback: float = 0.99,
 ) -> torch.Tensor:
-    """PEMA (SPEC section 3) with ``torch._foreach_*`` multi-tensor ops, in place on ``emas``.
+    """PEMA (ALGORITHM.md §3) with ``torch._foreach_*`` multi-tensor ops, in place on ``emas``.
 
     Exactly the semantics (and, element by element, the same floating-point
     operations in the same order, hence bitwise the same results) as
@@ -237,7 +237,7 @@ def dema_step_(
     alpha_fallback: float = 0.01,
     reduce_norms: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """DEMA / CIA (SPEC section 4), one scalar per tensor, in place on ``emas`` and ``prev_grads``.
+    """DEMA / CIA (ALGORITHM.md §4), one scalar per tensor, in place on ``emas`` and ``prev_grads``.
 
     ``a = |theta - theta*|_1, b = |g|_1, c = |g - g_prev|_1`` (all three in
     float64, from the tensors' exact values: no rounding to the parameter
@@ -298,5 +298,5 @@ def dema_update_(
     prev_grads: Sequence[torch.Tensor],
     alpha_fallback: float = 0.01,
 ) -> torch.Tensor:
-    """DEMA / CIA (SPEC section 4) in place; returns the float64 alphas used (see :func:`dema_step_`)."""
+    """DEMA / CIA (ALGORITHM.md §4) in place; returns the float64 alphas used (see :func:`dema_step_`)."""
     return dema_step_(params, emas, grads, prev_grads, alpha_fallback)[0]

@@ -1,4 +1,4 @@
-"""The ``mage::weight_grad_with_fisher`` custom op and its backend dispatch (SPEC section 2).
+"""The ``mage::weight_grad_with_fisher`` custom op and its backend dispatch (ALGORITHM.md §2).
 
 ``torch.ops.mage.weight_grad_with_fisher(g, x, num_samples, scale, fisher, token_weight, fisher_scale)``
 returns the batch weight gradient ``scale * g^T x`` and, when the float32

@@ -117,7 +117,7 @@ def test_pema_matches_reference(dtypes, misalign):
 
 @needs_extension
 def test_pema_float64_formula():
-    """Against a float64 evaluation of the SPEC formula (fp32 inputs; fallback elements excluded at ties)."""
+    """Against a float64 evaluation of the ALGORITHM.md formula (fp32 inputs; fallback elements excluded at ties)."""
     n = 50_000
     theta = torch.randn(n, device=DEV)
     ema = theta + 0.3 * torch.randn(n, device=DEV)

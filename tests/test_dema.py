@@ -1,4 +1,4 @@
-"""DEMA / CIA baseline (SPEC section 4) against a float64 re-implementation of the formula.
+"""DEMA / CIA baseline (ALGORITHM.md §4) against a float64 re-implementation of the formula.
 
 Per tensor: ``a = |theta - theta*|_1, b = |g|_1, c = |g - g_prev|_1``,
 ``alpha = 2 (1 + b) / (a c)``, fallback 0.01 unless ``0 < alpha < 1``,

@@ -31,7 +31,7 @@ def _image_in_prompt(example, shape):
 
 def test_names_modalities_and_sizes(tasks):
     assert list(tasks) == list(TASK_NAMES)
-    spec = {  # SPEC section 1 table
+    spec = {  # ALGORITHM.md §1 table
         "vqa": ({"image", "text"}, "text"), "classification": ({"image", "text"}, "text"),
         "generation": ({"text"}, "image"), "ocr": ({"image", "text"}, "text"),
         "grounding": ({"image", "text"}, "text"), "editing": ({"image", "text"}, "image"),

@@ -1,4 +1,4 @@
-"""``mage_kernels.Fisher`` (SPEC section 2) against per-sample gradients from torch.func.
+"""``mage_kernels.Fisher`` (ALGORITHM.md §2) against per-sample gradients from torch.func.
 
 The reference is ``torch.func.vmap(torch.func.grad(sample_loss))`` in float64
 over a functional copy of the model built from ``reference.lora_linear``; the

@@ -45,7 +45,7 @@ def on_path(name: str):
         with mage_kernels.use_backend(name):
             yield
 
-# The SPEC's table, then all and none.
+# ALGORITHM.md §1's table, then all and none.
 MASKS = [(0, 1, 2), (0, 3), (0, 1, 3), (0, 1, 2, 3), ()]
 REL_TOL = 2e-5  # fp32 op vs float64 reference, relative to the largest reference entry
 

@@ -1,4 +1,4 @@
-"""Persistent memory of PEMA vs DEMA (SPEC sections 3-4), measured, not computed.
+"""Persistent memory of PEMA vs DEMA (ALGORITHM.md §3-4), measured, not computed.
 
 Two independent measurements:
 

@@ -1,4 +1,4 @@
-"""SPEC section 5 metrics, checked against the paper's own tables (seeds/002: Tables 1, 2, 6, 7-14)."""
+"""ALGORITHM.md §5 metrics, checked against the paper's own tables (Tables 1, 2, 6, 7-14)."""
 
 import math
 
@@ -91,7 +91,7 @@ def _parse(table: str):
 
 
 def test_lora_and_mage_headline_numbers():
-    """The numbers SPEC section 5 quotes: LoRA 42.23 / 59.19 / 20.36, MAGE 49.58 / 59.79 / 12.26."""
+    """The numbers ALGORITHM.md §5 quotes: LoRA 42.23 / 59.19 / 20.36, MAGE 49.58 / 59.79 / 12.26."""
     lora, _ = _parse(PAPER_STAGES["LoRA"])
     assert lora[-1] == [18.40, 61.01, 30.60, 19.38, 32.70, 91.27]
     assert [lora[i][i] for i in range(6)] == [59.68, 65.19, 31.18, 41.22, 66.60, 91.27]

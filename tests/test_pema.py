@@ -1,7 +1,7 @@
-"""PEMA (SPEC section 3): the functional update on every backend and the PEMA class.
+"""PEMA (ALGORITHM.md §3): the functional update on every backend and the PEMA class.
 
 The expected values come from ``spec_pema`` below, a straightforward float64
-re-implementation of the SPEC formula, applied to the same (fp32/fp16/fp64)
+re-implementation of the ALGORITHM.md formula, applied to the same (fp32/fp16/fp64)
 input values. Inputs are random and chosen so that both branches occur
 (``0 < beta < 1`` and the fallback), with exact zeros in ``theta - theta*``,
 exact ``g = -1`` (``beta = 0``, must fall back), and NaN / inf in ``g``, ``F`` and
@@ -37,7 +37,7 @@ def fp32_rel_tol(device: torch.device) -> float:
 
 
 def spec_pema(p, e, g, f, lam=LAM, beta_fallback=BETA_FB):
-    """SPEC section 3 in float64: returns (new theta*, fallback count, non-finite count)."""
+    """ALGORITHM.md §3 in float64: returns (new theta*, fallback count, non-finite count)."""
     p, e, g, f = (t.double() for t in (p, e, g, f))
     beta = (g + 1) / (f * (p - e) + lam)
     inside = (beta > 0) & (beta < 1)

@@ -5,7 +5,7 @@ Checked three ways on fresh random inputs:
 * bitwise against the readable per-tensor loop ``reference.pema_update_`` (same
   operations in the same order), for float32 / float64 / float16 / bfloat16 and
   a list mixing dtypes;
-* against a float64 re-implementation of the SPEC section 3 formula, with
+* against a float64 re-implementation of the ALGORITHM.md §3 formula, with
   inputs built so that every element's ``beta`` is at least 0.1 away from the
   branch boundaries 0 and 1 (so rounding cannot legitimately flip a branch),
   plus special elements: ``g = inf`` / NaN (beta not finite: fallback),
@@ -63,7 +63,7 @@ def make_inputs(dtypes, device: str, seed: int, specials: bool = True) -> Quad:
 
 
 def spec_pema(p, e, g, f):
-    """SPEC section 3 in float64 from the stored values: (new theta*, fallbacks, non-finite)."""
+    """ALGORITHM.md §3 in float64 from the stored values: (new theta*, fallbacks, non-finite)."""
     p, e, g, f = (t.double() for t in (p, e, g, f))
     beta = (g + 1) / (f * (p - e) + LAM)
     ok = (beta > 0) & (beta < 1)

@@ -1,4 +1,4 @@
-"""The fused weight-gradient + per-sample Fisher kernel (SPEC section 2).
+"""The fused weight-gradient + per-sample Fisher kernel (ALGORITHM.md §2).
 
 ``mage_kernels.kernels.weight_grad.weight_grad_with_fisher`` (Triton: in the
 interpreter on CPU tensors, or compiled on CUDA tensors -- the ``device`` fixture

@@ -1,4 +1,4 @@
-// PEMA multi-tensor update (SPEC.md section 3): see include/mage_kernels/pema.h.
+// PEMA multi-tensor update (ALGORITHM.md §3): see include/mage_kernels/pema.h.
 //
 // Multi-tensor apply: the device table holds one PemaTensor per group followed
 // by `chunk_start[num_tensors + 1]` (prefix sums of each tensor's chunk count).

@@ -1,4 +1,4 @@
-// Fused weight gradient + per-sample Fisher accumulation (SPEC.md section 2):
+// Fused weight gradient + per-sample Fisher accumulation (ALGORITHM.md §2):
 // see include/mage_kernels/weight_grad.h.
 //
 // A tiled GEMM over the token dimension. Block (bx, by, bz) owns the output

@@ -1,4 +1,4 @@
-"""Rule-based typing of wrong answers into IUF / HAL / OTH (SPEC section 5).
+"""Rule-based typing of wrong answers into IUF / HAL / OTH (ALGORITHM.md §5).
 
 The paper asks a large VLM which type a wrong answer is; this project uses fixed rules,
 applied in this order (the first rule that matches decides):

@@ -1,4 +1,4 @@
-"""Continual-learning metrics of SPEC section 5 (paper Eq. 5-10).
+"""Continual-learning metrics of ALGORITHM.md §5 (paper Eq. 5-10).
 
 ``a[j][i]`` is the accuracy (0-100) on task ``i`` after training task ``j`` (0-based here,
 ``T`` tasks, rows = training stages, columns = tasks in training order). Entries with
@@ -111,7 +111,7 @@ def stage_forgetting(a: Matrix) -> List[float]:
 
 def summarize(acc: Matrix, iuf: Optional[Matrix] = None, hal: Optional[Matrix] = None,
               oth: Optional[Matrix] = None) -> Dict[str, float]:
-    """All SPEC section 5 metrics: keys ``Avg.ACC, Forgetting, New.ACC, Avg.IUF, Avg.HAL, Avg.OTH``.
+    """All ALGORITHM.md §5 metrics: keys ``Avg.ACC, Forgetting, New.ACC, Avg.IUF, Avg.HAL, Avg.OTH``.
 
     Error averages are NaN when their matrix is not given. Values are not rounded.
     """

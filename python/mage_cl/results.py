@@ -4,7 +4,7 @@ For one run (``write_run``)::
 
     results.json        everything below plus the configuration, timings and memory
     accuracy.csv        the accuracy matrix a[j][i] (rows: after training task j; "" = not trained yet)
-    errors_{iuf,hal,oth}.csv   the error-rate matrices (SPEC section 5)
+    errors_{iuf,hal,oth}.csv   the error-rate matrices (ALGORITHM.md §5)
     table.md            a Table-1-style row: final accuracy per task + the six metrics + memory, speed
     accuracy_matrix.png heatmap of a[j][i]
     stage_avg_acc.png   Avg.ACC after each stage

@@ -1,4 +1,4 @@
-// PEMA multi-tensor update (SPEC.md section 3), CUDA launcher API.
+// PEMA multi-tensor update (ALGORITHM.md §3), CUDA launcher API.
 //
 // For every element of every tensor group (theta, theta*, g, F), in fp32:
 //

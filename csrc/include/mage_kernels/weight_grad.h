@@ -1,4 +1,4 @@
-// Fused weight gradient + per-sample Fisher accumulation (SPEC.md section 2),
+// Fused weight gradient + per-sample Fisher accumulation (ALGORITHM.md §2),
 // CUDA launcher API.
 //
 //   grad[p, q]    = scale * sum_m g[m, p] x[m, q]                      ([P, Q], dtype of g)

@@ -1,7 +1,7 @@
 """Continual-learning tasks: the embedded digits benchmark and the real-data loader.
 
 ``build_tasks(preset, seed, vocab)`` returns the six digits tasks keyed by id; ``ORDERS`` and
-``order_names`` give the training orders of SPEC section 5.
+``order_names`` give the training orders of ALGORITHM.md §5.
 """
 
 from .base import ERROR_TYPES, Example, Task, Verdict

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, List, Optional
 
-#: Error types of SPEC section 5: instruction unfollowing, hallucination, other.
+#: Error types of ALGORITHM.md §5: instruction unfollowing, hallucination, other.
 ERROR_TYPES = ("IUF", "HAL", "OTH")
 
 

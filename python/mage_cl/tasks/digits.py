@@ -3,7 +3,7 @@
 No download: every image is one of the 1797 real 8x8 handwritten digits that scikit-learn
 ships (``sklearn.datasets.load_digits``), quantized to the vocabulary's pixel levels
 (:mod:`mage_cl.vocab`). Each task keeps the modality structure of the paper's dataset it
-stands in for (SPEC section 1 table):
+stands in for (ALGORITHM.md §1 table):
 
 ===============  ===========  ==============  =====================================================
 name             paper        in -> out       what the model does
@@ -45,7 +45,7 @@ from ..vocab import BOS, EOS, SEP, Vocab
 from .base import Example, Task, Verdict
 from .judge_classifier import DigitJudge, get_judge
 
-#: Short task ids, in the default (SPEC section 5) order.
+#: Short task ids, in the default (ALGORITHM.md §5) order.
 TASK_NAMES = ("vqa", "classification", "generation", "ocr", "grounding", "editing")
 
 #: The paper's dataset each task stands in for.
@@ -58,7 +58,7 @@ PAPER_NAMES: Dict[str, str] = {
     "editing": "HQEdit",
 }
 
-#: Training orders (SPEC section 5; paper appendix 9.5). ``default`` follows SPEC (and the
+#: Training orders (ALGORITHM.md §5; paper appendix 9.5). ``default`` follows ALGORITHM.md (and the
 #: column order of the paper's Tables 1 and 7-14): VQAv2, ImageNet, Flickr30k, OCRVQA,
 #: RefCOCO, HQEdit. (The paper's appendix 9.5 lists RefCOCO before OCRVQA; its tables do not.)
 #: ``reverse`` is its reverse; ``alphabetical`` sorts by the paper's dataset names.
