@@ -92,6 +92,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["mage_kernels", "mage_kernels.*"]) + find_packages("python"),
     package_dir={"mage_cl": "python/mage_cl"},
+    package_data={"mage_cl": ["bases/*.pt"]},  # the shipped base model(s), see mage_cl.model.BUNDLED_BASES
     # Ranges of the releases the code supports (CUDA machines keep the torch they have); the test
     # command pins this machine's exact versions with tests/constraints.txt (see tests/run.sh).
     install_requires=[

@@ -92,6 +92,14 @@ class PretrainConfig:
     knowledge_kinds: str = "describe,show,facts,small"
 
 
+#: Base models shipped with the package (``mage_cl/bases/base_<key>.pt``): the ``quick`` / ``cpu``
+#: presets' base for seed 0, so the README's first command does not spend minutes pretraining. A
+#: shipped file is used only when its key -- the hash of the whole recipe and corpus -- matches;
+#: any other seed or recipe is pretrained and cached as usual. ``tests/test_quick_preset.py``
+#: checks that the shipped file matches the current recipe.
+BUNDLED_BASES = Path(__file__).resolve().parent / "bases"
+
+
 def cache_dir() -> Path:
     """``$MAGE_CL_CACHE`` if set, else ``~/.cache/mage_cl``."""
     env = os.environ.get("MAGE_CL_CACHE")
@@ -487,6 +495,8 @@ def load_pretrained(vocab, tasks: Dict[str, object], mcfg: ModelConfig, pcfg: Pr
     key, corpus = base_model_key(vocab, tasks, mcfg, pcfg, seed)
     folder = cache if cache is not None else cache_dir()
     path = folder / f"base_{key}.pt"
+    if not path.exists() and (BUNDLED_BASES / path.name).exists():
+        path = BUNDLED_BASES / path.name  # pretrained once and shipped with the package (read only)
     model = build_model(vocab, mcfg, seed)
     info: Dict[str, object] = {"path": str(path), "cached": False, "key": key}
     if path.exists():
@@ -502,6 +512,7 @@ def load_pretrained(vocab, tasks: Dict[str, object], mcfg: ModelConfig, pcfg: Pr
             torch.manual_seed(seed)
             losses = pretrain(model, corpus, vocab.pad_id, pcfg, seed, progress=progress)
         info["loss"] = sum(losses[-10:]) / len(losses[-10:])
+        path = folder / f"base_{key}.pt"
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"state_dict": model.state_dict(), "loss": info["loss"]}, tmp)
