@@ -1,6 +1,6 @@
 """The base model shipped with the package is the one the current recipe builds for seed 0.
 
-``python/mage_cl/bases/base_<key>.pt`` saves every user of the ``quick`` / ``cpu`` presets the
+``python/mage_cl/bases/base_<key>.pt`` saves every user of the ``cpu`` preset the
 pretraining (minutes on a CPU) and makes the committed ``cpu`` results reproducible with the
 identical base weights. The file is only used when its key -- the hash of the model and
 pretraining configs, the mixture, the vocabulary, the seed and the whole corpus -- matches, so a
@@ -17,14 +17,10 @@ from mage_cl.tasks import build_tasks
 from mage_cl.vocab import Vocab
 
 
-def test_the_shipped_base_matches_the_cpu_and_quick_recipe_and_loads(tmp_path):
+def test_the_shipped_base_matches_the_cpu_recipe_and_loads(tmp_path):
     vocab = Vocab()
-    keys = {}
-    for name in ("quick", "cpu"):
-        preset = get_preset(name)
-        tasks = build_tasks(name, 0, vocab)
-        keys[name], _ = base_model_key(vocab, tasks, preset.model, preset.pretrain, 0)
-    assert keys["quick"] == keys["cpu"]  # one base serves both presets
+    preset = get_preset("cpu")
+    keys = {"cpu": base_model_key(vocab, build_tasks("cpu", 0, vocab), preset.model, preset.pretrain, 0)[0]}
     shipped = sorted(p.name for p in BUNDLED_BASES.glob("base_*.pt"))
     assert shipped == [f"base_{keys['cpu']}.pt"], "regenerate python/mage_cl/bases/ for the new recipe"
     preset = get_preset("cpu")

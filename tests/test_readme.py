@@ -4,7 +4,7 @@
   the ones before them, as a reader runs them), on the CPU with the sizes the README shows.
 * Every ``mage-cl ...`` line of a ```bash block is parsed by the real argument parser, so a
   renamed flag or a removed choice in the README fails here. (The long runs themselves are not
-  executed; the main job's preset is run by ``tests/test_quick_preset.py``.)
+  executed here; the smoke preset's whole sequence is run by ``tests/test_driver_smoke.py``.)
 """
 
 from __future__ import annotations

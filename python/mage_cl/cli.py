@@ -2,7 +2,7 @@
 
 Subcommands::
 
-    mage-cl run     --method mage --order default --preset quick [--seed 0] [--out DIR]
+    mage-cl run     --method mage --order default --preset smoke|cpu|gpu [--seed 0] [--out DIR]
                     [--resume | --overwrite] [--model PATH --data-dir DIR [--clip DIR]]
                     [--backend auto|torch|triton|cuda] [--tasks vqa,...]
                     [--backbone janus|emu3|chameleon|causal-lm] [--dtype auto|bf16|fp32]

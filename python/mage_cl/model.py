@@ -92,10 +92,11 @@ class PretrainConfig:
     knowledge_kinds: str = "describe,show,facts,small"
 
 
-#: Base models shipped with the package (``mage_cl/bases/base_<key>.pt``): the ``quick`` / ``cpu``
-#: presets' base for seed 0, so the README's first command does not spend minutes pretraining. A
+#: Base models shipped with the package (``mage_cl/bases/base_<key>.pt``): the ``cpu`` preset's
+#: base for seed 0 (the one the committed comparison used, bit for bit), so a run of it does not
+#: spend minutes pretraining and reproduces the committed numbers with the identical weights. A
 #: shipped file is used only when its key -- the hash of the whole recipe and corpus -- matches;
-#: any other seed or recipe is pretrained and cached as usual. ``tests/test_quick_preset.py``
+#: any other seed or recipe is pretrained and cached as usual. ``tests/test_bundled_base.py``
 #: checks that the shipped file matches the current recipe.
 BUNDLED_BASES = Path(__file__).resolve().parent / "bases"
 

@@ -1,4 +1,4 @@
-"""Run presets: model size, pretraining and training budget for ``--preset {smoke,quick,cpu,gpu}``.
+"""Run presets: model size, pretraining and training budget for ``--preset {smoke,cpu,gpu}``.
 
 The data sizes per preset are the benchmark's (:data:`mage_cl.tasks.PRESETS`); this
 module fixes everything else. ``smoke`` runs the six-task sequence for one method in
@@ -23,8 +23,7 @@ DEFAULT_PRESET = "smoke"
 #: drawing and arithmetic of the digits in forms none of the six tasks uses.
 _KNOWLEDGE = "describe,show,facts,small,strip,smallbox"
 
-#: The base model of the ``quick`` and ``cpu`` presets (one cached model serves both: they have the
-#: same training examples, see :data:`mage_cl.tasks.digits.PRESETS`).
+#: The base model of the ``cpu`` preset (shipped for seed 0: :data:`mage_cl.model.BUNDLED_BASES`).
 _CPU_MODEL = ModelConfig(hidden_size=96, num_layers=3, num_heads=4, intermediate_size=256)
 _CPU_PRETRAIN = PretrainConfig(steps=800, batch_size=32, lr=3e-3, knowledge_fraction=0.3,
                                knowledge_kinds=_KNOWLEDGE)
@@ -53,16 +52,6 @@ PRESETS: Dict[str, Preset] = {
         cpu_threads=1,
         description="plumbing check for CI: tiny model, 12 steps per task, 16 test examples "
                     "(its accuracies mean nothing)",
-    ),
-    "quick": Preset(
-        "quick",
-        _CPU_MODEL,
-        _CPU_PRETRAIN,
-        TrainConfig(steps_per_task=150, batch_size=8, lr=1e-3, eval_batch_size=60, max_eval=60,
-                    consolidate_batches=4),
-        cpu_threads=2,
-        description="the README's first command: the cpu preset's base model, a short budget per task, "
-                    "60 test examples per task",
     ),
     "cpu": Preset(
         "cpu",

@@ -72,7 +72,6 @@ ORDERS: Dict[str, List[str]] = {
 #: split (about 1347 train / 450 test images for TEST_FRACTION 0.25).
 PRESETS: Dict[str, Tuple[Optional[int], Optional[int]]] = {
     "smoke": (48, 16),   # the whole six-task sequence in CI within a couple of minutes
-    "quick": (1000, 60),  # the README's first command: the cpu training sets, the first 60 test examples
     "cpu": (1000, 300),  # the committed CPU comparison (v4; v1-v3 had 400 / 100)
     "gpu": (None, None),  # all data
 }
