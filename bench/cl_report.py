@@ -105,31 +105,28 @@ def table6(groups, order: str = "default") -> str:
     return "\n".join(lines)
 
 
-def final_row_table(groups, order: str = "default") -> str:
-    methods = _methods(groups, order)
+def _per_task_table(groups, order: str, methods: Sequence[str], cell) -> str:
+    """One row per method, one column per task: ``cell(record, i)`` as mean +- std over the seeds."""
     if not methods:
         return ""
     names = next(iter(groups[(order, methods[0])].values()))["paper_names"]
     lines = ["| Method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for m in methods:
         runs = groups[(order, m)]
-        cols = [_ms([_num(runs[s]["acc"][-1][i]) for s in sorted(runs)], 1) for i in range(len(names))]
+        cols = [_ms([_num(cell(runs[s], i)) for s in sorted(runs)], 1) for i in range(len(names))]
         lines.append(f"| {m} | " + " | ".join(cols) + " |")
     return "\n".join(lines)
+
+
+def final_row_table(groups, order: str = "default") -> str:
+    """Each task's accuracy after the last task (the final row a[T-1][i])."""
+    return _per_task_table(groups, order, _methods(groups, order), lambda r, i: r["acc"][-1][i])
 
 
 def diagonal_table(groups, order: str = "default") -> str:
     """Each task's accuracy right after it was learned (the diagonal a[i][i]): how well each is learned."""
     methods = [m for m in _methods(groups, order) if m not in ("zero-shot", "multitask")]
-    if not methods:
-        return ""
-    names = next(iter(groups[(order, methods[0])].values()))["paper_names"]
-    lines = ["| Method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for m in methods:
-        runs = groups[(order, m)]
-        cols = [_ms([_num(runs[s]["acc"][i][i]) for s in sorted(runs)], 1) for i in range(len(names))]
-        lines.append(f"| {m} | " + " | ".join(cols) + " |")
-    return "\n".join(lines)
+    return _per_task_table(groups, order, methods, lambda r, i: r["acc"][i][i])
 
 
 def orders_table(groups) -> str:
