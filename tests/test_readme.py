@@ -43,12 +43,26 @@ def test_python_blocks_run_as_written(tmp_path):
     assert proc.returncode == 0, f"README python blocks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
+def _commands(line: str):
+    """Split one shell line into its simple commands (quotes respected, ``;``/``&&``/``|`` split)."""
+    lex = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+    lex.whitespace_split = True
+    words: list[str] = []
+    for tok in lex:
+        if tok and set(tok) <= set(";&|"):
+            yield words
+            words = []
+        else:
+            words.append(tok)
+    yield words
+
+
 def _mage_cl_lines():
     for b in blocks("bash"):
         for line in b.replace("\\\n", " ").splitlines():
-            line = line.split("#", 1)[0].strip()
-            for part in re.split(r"&&|;|\|", line):
-                words = shlex.split(part)
+            if "mage-cl" not in line and "mage_cl.cli" not in line:
+                continue  # other shell lines (pip, multi-line python -c strings) are not parsed here
+            for words in _commands(line.split(" #", 1)[0].strip()):
                 while words and "=" in words[0] and not words[0].startswith("-"):  # VAR=value prefixes
                     words = words[1:]
                 if words[:1] == ["mage-cl"]:
