@@ -108,11 +108,12 @@ setup(
     extras_require={
         # everything the test suite imports: it must not skip in CI (tests/run.sh installs this extra)
         "test": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.21", "diffusers>=0.42", "bitsandbytes>=0.50",
-                 "accelerate>=1.1"],
+                 "accelerate>=1.1", "deepspeed>=0.19"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.21", "opacus>=1.4", "backpack-for-pytorch>=1.6"],
         "peft": ["peft>=0.21"],                 # mage_kernels.integrations.peft
         "trainer": ["accelerate>=1.1"],         # mage_kernels.integrations.transformers (transformers.Trainer)
         "quant": ["bitsandbytes>=0.50"],        # 4/8-bit bases; 0.50 is the first tested, on CPU and CUDA
+        "deepspeed": ["deepspeed>=0.19"],       # mage_kernels.integrations.deepspeed (ZeRO 1/2/3)
         "cuda": ["ninja"],
     },
     entry_points={"console_scripts": ["mage-cl=mage_cl.cli:main"]},

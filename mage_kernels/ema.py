@@ -13,7 +13,7 @@ weights at the end of the task. They share one interface::
 
 PEMA, per element (the project's diagonal, elementwise form of the paper's
 Eq. 3-4; the authors' code inverts an n x n matrix per tensor and never clamps,
-this fallback is the documented design decision of SPEC section 3)::
+this fallback is the documented design decision of ALGORITHM.md section 3)::
 
     beta   = (g + 1) / (F * (theta - theta*) + lam)
     beta   = beta if 0 < beta < 1 else beta_fallback
@@ -144,7 +144,7 @@ def pema_update_(
     lam: float = 1e-5,
     beta_fallback: float = 0.99,
 ) -> torch.Tensor:
-    """PEMA update of ``emas`` in place (SPEC section 3); the functional form of :class:`PEMA`.
+    """PEMA update of ``emas`` in place (ALGORITHM.md section 3); the functional form of :class:`PEMA`.
 
     Args:
         params: the current weights ``theta`` (after the optimizer step).
@@ -584,7 +584,7 @@ class PEMA(_TaskEMA):
 
 
 class DEMA(_TaskEMA):
-    """The CIA baseline's layer-wise EMA (SPEC section 4): one scalar ``alpha`` per tensor.
+    """The CIA baseline's layer-wise EMA (ALGORITHM.md section 4): one scalar ``alpha`` per tensor.
 
     Same interface as :class:`PEMA`; :meth:`update` ignores its ``fisher``
     argument. Keeps ``theta*`` and ``g_prev`` (zeros at the task start, so the

@@ -1,4 +1,4 @@
-"""Diagonal Fisher from per-sample squared gradients, accumulated inside the backward (SPEC section 2).
+"""Diagonal Fisher from per-sample squared gradients, accumulated inside the backward (ALGORITHM.md section 2).
 
 For every trainable adapter tensor ``theta`` and the samples ``n`` seen since
 :meth:`Fisher.reset`::
@@ -48,14 +48,20 @@ batch on every rank. A sharded update reads only its rank's slice
 (:meth:`Fisher.for_parameters` with ``parts``). The Fisher may be created before
 ``fully_shard`` replaces the parameters by DTensors.
 
-Counting samples: ``num_samples`` grows by ``N`` once per forward of the model
-whose gradient actually reaches the layers in a backward (counted when the
-backward runs, so forward passes without backward do not count). A new forward
-starts when the model (the module given to :class:`Fisher`) is called, or when
-a layer runs a second time. Limitations: a layer applied twice within one
-forward (weight tying) would be treated as two forwards, and its per-use
-squares miss the cross terms; a backward through the same graph twice
-(``retain_graph``) adds the sums twice but counts once.
+Counting samples: each layer's backward op adds its ``N`` to the layer's
+``fisher_count`` (an int64 CPU tensor), so a forward without a backward counts
+nothing, and micro-batches and accumulation windows add up. ``num_samples`` is
+the largest count over the layers (the batch, for every layer the loss depends
+on) and every ``F`` is divided by it. A layer applied twice in one forward
+(weight tying) counts twice and its per-use squares miss the cross terms; a
+backward through the same graph twice (``retain_graph``) adds sums and counts
+twice.
+
+torch.compile: the Fisher adds no Python work to the traced forward (its only
+forward pre-hook reads attributes, and writes only while :meth:`token_weight` is
+active or after the model moved), and the count is a mutation inside the custom
+backward op, so ``torch.compile(model, fullgraph=True)`` traces a model with a
+Fisher attached without graph breaks (``tests/test_fisher_compile.py``).
 """
 
 from __future__ import annotations
@@ -95,8 +101,6 @@ class Fisher:
             raise TypeError(f"Fisher expects an nn.Module; got {type(model).__name__}")
         if loss_reduction not in _REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {_REDUCTIONS}; got {loss_reduction!r}")
-        if not (loss_scale > 0 and loss_scale != float("inf")):
-            raise ValueError(f"loss_scale must be a positive finite number; got {loss_scale}")
         self.layers: List[Tuple[str, MageLinear]] = list(mage_layers(model))
         if not self.layers:
             raise ValueError("the model has no MageLinear layers; call mage_kernels.inject(model) first")
@@ -105,26 +109,34 @@ class Fisher:
                 raise RuntimeError(f"layer {name or '<root>'} already accumulates a Fisher; call .remove() on the other Fisher first")
         self.model = model
         self.loss_reduction = loss_reduction
-        self.loss_scale = float(loss_scale)
-        self._count = 0
-        self._generation = 0
-        self._seen: set = set()
-        self._gen_samples: Dict[int, int] = {}
-        self._counted: set = set()
         self._token_weight: Optional[torch.Tensor] = None
         self._param_index: Dict[int, Tuple[MageLinear, str, int]] = {}
-        self._hooks = [model.register_forward_pre_hook(self._new_forward)]
+        self._hooks = []
         for _, layer in self.layers:
             a = layer.lora_A[0]
             dt = torch.float64 if a.dtype == torch.float64 else torch.float32
             rank = layer.r * layer.num_adapters
             layer.fisher_a = torch.zeros(rank, layer.in_features, device=a.device, dtype=dt)
             layer.fisher_b = torch.zeros(layer.out_features, rank, device=a.device, dtype=dt)
-            layer.fisher_scale = 1.0
+            layer.fisher_count = torch.zeros(1, dtype=torch.int64)  # CPU: read without a device sync
+            layer.fisher_mean = loss_reduction == "mean"
             layer.fisher_token_weight = None
             self._hooks.append(layer.register_forward_pre_hook(self._layer_pre_hook))
-            self._hooks.append(layer.register_forward_hook(self._layer_post_hook))
+        self.loss_scale = loss_scale
         self._index_parameters()
+
+    @property
+    def loss_scale(self) -> float:
+        """The extra factor the backward loss carries (AMP scale, ``1 / accumulation_steps``)."""
+        return self._loss_scale
+
+    @loss_scale.setter
+    def loss_scale(self, value: float) -> None:
+        if not (value > 0 and value != float("inf")):
+            raise ValueError(f"loss_scale must be a positive finite number; got {value}")
+        self._loss_scale = float(value)
+        for _, layer in self.layers:
+            layer.fisher_scale = 1.0 / self._loss_scale
 
     @staticmethod
     def _holds(where: Tuple[MageLinear, str, int], p: torch.Tensor) -> bool:
@@ -146,63 +158,25 @@ class Fisher:
 
     # ------------------------------------------------------------------ hooks
 
-    def _new_forward(self, module: nn.Module, args) -> None:
-        self._generation += 1
-        self._seen = set()
-        if len(self._gen_samples) > 64 or len(self._counted) > 64:  # forwards that never saw a backward
-            oldest = self._generation - 64
-            self._gen_samples = {g: n for g, n in self._gen_samples.items() if g >= oldest}
-            self._counted = {g for g in self._counted if g >= oldest}
-
     def _layer_pre_hook(self, layer: MageLinear, args) -> None:
+        # Read-only unless the model moved or a token weight is active, so that torch.compile
+        # traces it without side effects (the sample count lives in the backward op).
+        if layer.fisher_a.device != layer.lora_A[0].device:  # the model was moved after Fisher() was attached
+            layer.fisher_a = layer.fisher_a.to(layer.lora_A[0].device)
+            layer.fisher_b = layer.fisher_b.to(layer.lora_A[0].device)
+        w = self._token_weight
+        if w is None:
+            return
         if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
             return  # MageLinear's own input check raises the clear error
         x = args[0]
-        if id(layer) in self._seen:  # the layer runs again: a new forward of (part of) the model
-            self._new_forward(layer, args)
-        self._seen.add(id(layer))
-        n = int(x.shape[0])
-        prev = self._gen_samples.get(self._generation)
-        if prev is not None and prev != n and torch.is_grad_enabled():
-            raise ValueError(
-                f"MageLinear inputs in one forward have different leading dims ({prev} vs {n}); Fisher needs every "
-                "layer's input to be [num_samples, ...] with the samples first"
-            )
-        if torch.is_grad_enabled():
-            self._gen_samples[self._generation] = n
-        scale = (n if self.loss_reduction == "mean" else 1.0) / self.loss_scale
-        layer.fisher_scale = float(scale)
-        a = layer.lora_A[0]
-        if layer.fisher_a.device != a.device:  # the model was moved after Fisher() was attached
-            layer.fisher_a = layer.fisher_a.to(a.device)
-            layer.fisher_b = layer.fisher_b.to(a.device)
-        w = self._token_weight
-        if w is None:
-            layer.fisher_token_weight = None
-            return
         lead = tuple(x.shape[:-1])
-        if w.numel() != x.numel() // x.shape[-1] or (tuple(w.shape) != lead and not (x.dim() == 2 and w.numel() == n)):
+        if w.numel() != x.numel() // x.shape[-1] or (tuple(w.shape) != lead and not (x.dim() == 2 and w.numel() == x.shape[0])):
             raise ValueError(
                 f"token weight of shape {tuple(w.shape)} does not match the layer input's leading dims {lead} "
                 "(expected [num_samples, seq_len])"
             )
         layer.fisher_token_weight = w.to(device=x.device).reshape(lead)
-
-    def _layer_post_hook(self, layer: MageLinear, args, output) -> None:
-        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
-            return
-        gen = self._generation
-        n = self._gen_samples.get(gen)
-        if n is None or gen in self._counted:
-            return
-
-        def count(grad: torch.Tensor) -> None:
-            if gen not in self._counted:
-                self._counted.add(gen)
-                self._count += n
-                self._gen_samples.pop(gen, None)
-
-        output.register_hook(count)
 
     # ------------------------------------------------------------------ control
 
@@ -212,9 +186,7 @@ class Fisher:
             self._check_attached(layer)
             layer.fisher_a.zero_()
             layer.fisher_b.zero_()
-        self._count = 0
-        self._counted = {g for g in self._counted if g >= self._generation}
-        self._gen_samples = {g: n for g, n in self._gen_samples.items() if g >= self._generation}
+            layer.fisher_count.zero_()
 
     @contextlib.contextmanager
     def token_weight(self, weight: torch.Tensor) -> Iterator[None]:
@@ -240,8 +212,13 @@ class Fisher:
 
     @property
     def num_samples(self) -> int:
-        """Samples whose squared gradients were accumulated since :meth:`reset`."""
-        return self._count
+        """Samples whose squared gradients were accumulated since :meth:`reset`.
+
+        Each layer's backward counts the samples that reached it; this is the largest count
+        (the batch, for every layer the loss depends on). All of ``F`` is divided by it.
+        """
+        counts = [layer.fisher_count for _, layer in self.layers if layer.fisher_count is not None]
+        return int(torch.cat(counts).max()) if counts else 0
 
     def sync(self, group: Optional[object] = None) -> None:
         """All-reduce (sum) the sums and the sample count across the data-parallel ranks.
@@ -262,14 +239,17 @@ class Fisher:
         if not (dist.is_available() and dist.is_initialized()):
             return
         bufs = [t for _, layer in self.layers for t in (self._check_attached(layer).fisher_a, layer.fisher_b)]
+        counts = [layer.fisher_count for _, layer in self.layers]
+        dev = bufs[0].device
         flat = torch.cat([b.reshape(-1).to(torch.float64) for b in bufs] +
-                         [torch.tensor([float(self._count)], dtype=torch.float64, device=bufs[0].device)])
+                         [torch.cat(counts).to(device=dev, dtype=torch.float64)])
         dist.all_reduce(flat, group=group)
         off = 0
         for b in bufs:
             b.copy_(flat[off: off + b.numel()].view_as(b))
             off += b.numel()
-        self._count = int(round(float(flat[-1])))
+        for c, total in zip(counts, flat[off:].round().to(torch.int64).cpu()):
+            c.fill_(int(total))
 
     def remove(self) -> None:
         """Detach from the model: remove the hooks and free the buffers."""
@@ -279,7 +259,9 @@ class Fisher:
         for _, layer in self.layers:
             layer.fisher_a = None
             layer.fisher_b = None
+            layer.fisher_count = None
             layer.fisher_scale = 1.0
+            layer.fisher_mean = False
             layer.fisher_token_weight = None
         self._param_index = {}
 
@@ -291,11 +273,12 @@ class Fisher:
         return layer
 
     def _divisor(self) -> float:
-        if self._count <= 0:
+        n = self.num_samples
+        if n <= 0:
             raise RuntimeError(
                 "no samples accumulated since reset(): run a forward and a backward with gradients enabled first"
             )
-        return float(self._count)
+        return float(n)
 
     def _sum_view(self, layer: MageLinear, kind: str, k: int) -> torch.Tensor:
         self._check_attached(layer)
@@ -347,4 +330,4 @@ class Fisher:
 
     def __repr__(self) -> str:
         return (f"Fisher(layers={len(self.layers)}, loss_reduction={self.loss_reduction!r}, "
-                f"loss_scale={self.loss_scale:g}, num_samples={self._count})")
+                f"loss_scale={self.loss_scale:g}, num_samples={self.num_samples})")

@@ -33,14 +33,14 @@ from .lora_op import lora_linear, new_dropout_seed
 
 __all__ = ["ADAPTERS", "MageLinear", "adapters_for_task"]
 
-#: Adapter names by index (SPEC section 1).
+#: Adapter names by index (ALGORITHM.md section 1).
 ADAPTERS = ("text_in", "image_in", "text_out", "image_out")
 _MODALITIES = ("text", "image")
 AdapterRef = Union[int, str]
 
 
 def adapters_for_task(inputs: Iterable[str], output: str) -> List[int]:
-    """Indices of the adapters MAGE trains for a task (the SPEC's table).
+    """Indices of the adapters MAGE trains for a task (the table in ALGORITHM.md section 1).
 
     ``adapters_for_task({"image", "text"}, "text") == [0, 1, 2]``;
     ``({"text"}, "image") -> [0, 3]``; ``({"image", "text"}, "image") -> [0, 1, 3]``.
@@ -133,16 +133,21 @@ class MageLinear(nn.Module):
         )
         self.reset_adapters()
         self.merged = False
-        # Fisher accumulation (SPEC section 2); managed by mage_kernels.fisher.
+        # Fisher accumulation (ALGORITHM.md section 2); managed by mage_kernels.fisher.
         self.fisher_a: Optional[torch.Tensor] = None
         self.fisher_b: Optional[torch.Tensor] = None
+        #: int64 [1] on the CPU: samples whose gradient reached this layer (added by the backward op).
+        self.fisher_count: Optional[torch.Tensor] = None
+        #: The per-sample gradient is ``fisher_scale * (N if fisher_mean else 1)`` times the one
+        #: reaching the layer (N: the input's leading dim); set by the Fisher (loss reduction, loss scale).
         self.fisher_scale: float = 1.0
+        self.fisher_mean: bool = False
         self.fisher_token_weight: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ adapters
 
     def reset_adapters(self) -> None:
-        """Re-initialize: ``A_k ~ N(0, 0.01^2)``, ``B_k = 0`` (SPEC section 1)."""
+        """Re-initialize: ``A_k ~ N(0, 0.01^2)``, ``B_k = 0`` (ALGORITHM.md section 1)."""
         with torch.no_grad():
             for a in self.lora_A:
                 a.normal_(0.0, 0.01)
@@ -256,8 +261,9 @@ class MageLinear(nn.Module):
                 trainable_rows=rows,
                 fisher_a=self.fisher_a if fisher_on else None,
                 fisher_b=self.fisher_b if fisher_on else None,
+                fisher_count=self.fisher_count if fisher_on else None,
                 token_weight=self.fisher_token_weight if fisher_on else None,
-                fisher_scale=self.fisher_scale,
+                fisher_scale=self.fisher_scale * (x.shape[0] if self.fisher_mean and x.dim() >= 2 else 1),
             )
         if self.quantized:
             y = y + self.base(x)

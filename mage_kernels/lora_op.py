@@ -3,7 +3,7 @@
 Two ops are registered in the ``mage`` namespace:
 
 ``torch.ops.mage.lora_linear(x, weight, bias, lora_a, lora_b, scaling, x_lora, trainable_rows, fisher_a,
-fisher_b, token_weight, num_samples, fisher_scale, dropout_p, dropout_seed) -> (y, su)``
+fisher_b, fisher_count, token_weight, num_samples, fisher_scale, dropout_p, dropout_seed) -> (y, su)``
     ``y = x W0^T + bias + (s u) B^T`` with the pre-scaled shrink ``s u = s drop(x_lora) A^T``
     (saved for the backward). ``x`` is 2-D ``[M, K]``; ``x_lora`` (``None``: ``x``) is the
     adapters' input; with ``dropout_p > 0`` the adapters see ``drop(x_lora)``, its mask
@@ -316,6 +316,7 @@ def _lora_linear_op(
     trainable_rows: List[int],
     fisher_a: Optional[torch.Tensor],
     fisher_b: Optional[torch.Tensor],
+    fisher_count: Optional[torch.Tensor],
     token_weight: Optional[torch.Tensor],
     num_samples: int,
     fisher_scale: float,
@@ -332,15 +333,15 @@ def _lora_linear_op(
 
 
 @_lora_linear_op.register_fake
-def _(x, weight, bias, lora_a, lora_b, scaling, x_lora, trainable_rows, fisher_a, fisher_b, token_weight, num_samples,
-      fisher_scale, dropout_p, dropout_seed):
+def _(x, weight, bias, lora_a, lora_b, scaling, x_lora, trainable_rows, fisher_a, fisher_b, fisher_count,
+      token_weight, num_samples, fisher_scale, dropout_p, dropout_seed):
     return x.new_empty(x.shape[0], lora_b.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
 
 
 # ----------------------------------------------------------------------------- backward
 
 
-@torch.library.custom_op("mage::lora_linear_backward", mutates_args=("fisher_a", "fisher_b"))
+@torch.library.custom_op("mage::lora_linear_backward", mutates_args=("fisher_a", "fisher_b", "fisher_count"))
 def _lora_linear_backward_op(
     grad_y: torch.Tensor,
     x_lora: torch.Tensor,
@@ -354,6 +355,7 @@ def _lora_linear_backward_op(
     need_input_grad: bool,
     fisher_a: Optional[torch.Tensor],
     fisher_b: Optional[torch.Tensor],
+    fisher_count: Optional[torch.Tensor],
     token_weight: Optional[torch.Tensor],
     num_samples: int,
     fisher_scale: float,
@@ -394,12 +396,14 @@ def _lora_linear_backward_op(
             grad_y, su[:, start:stop], num_samples,
             None if fisher_b is None else fisher_b[:, start:stop], token_weight, fisher_scale, 0.0, None,
         )
+    if fisher_count is not None:  # the samples whose gradient reached this layer (mage_kernels.fisher)
+        fisher_count.add_(num_samples if grad_y.shape[0] else 0)
     return dx, dx_lora, d_a, d_b
 
 
 @_lora_linear_backward_op.register_fake
 def _(grad_y, x_lora, weight, lora_a, lora_b, su, scaling, trainable_rows, separate_lora_input, need_input_grad,
-      fisher_a, fisher_b, token_weight, num_samples, fisher_scale, dropout_p, dropout_seed):
+      fisher_a, fisher_b, fisher_count, token_weight, num_samples, fisher_scale, dropout_p, dropout_seed):
     m = grad_y.shape[0]
     k = lora_a.shape[1]
     dx = grad_y.new_empty(m, k) if need_input_grad else grad_y.new_empty(_EMPTY_SHAPE)
@@ -412,14 +416,14 @@ def _(grad_y, x_lora, weight, lora_a, lora_b, su, scaling, trainable_rows, separ
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, lora_a, lora_b, scaling, x_lora, trainable_rows,
-     fisher_a, fisher_b, token_weight, num_samples, fisher_scale, dropout_p, dropout_seed) = inputs
+     fisher_a, fisher_b, fisher_count, token_weight, num_samples, fisher_scale, dropout_p, dropout_seed) = inputs
     _, su = output
     separate = x_lora is not None
     ctx.save_for_backward(x_lora if separate else x, weight, lora_a, lora_b, su, token_weight, dropout_seed)
     # The Fisher buffers are accumulators the backward writes into, not inputs whose value the
     # backward reads: keep them out of save_for_backward, whose version check would reject a
     # layer applied twice in one graph (both backwards add into the same buffer) or a reset.
-    ctx.fisher_buffers = (fisher_a, fisher_b)
+    ctx.fisher_buffers = (fisher_a, fisher_b, fisher_count)
     ctx.scaling = scaling
     ctx.trainable_rows = list(trainable_rows)
     ctx.separate = separate
@@ -430,7 +434,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_u):
     xl, weight, lora_a, lora_b, su, token_weight, seed = ctx.saved_tensors
-    fisher_a, fisher_b = ctx.fisher_buffers
+    fisher_a, fisher_b, fisher_count = ctx.fisher_buffers
     need = ctx.needs_input_grad
     if need[1] or need[2]:
         raise NotImplementedError(
@@ -440,14 +444,14 @@ def _backward(ctx, grad_y, grad_u):
     rows = ctx.trainable_rows if (need[3] or need[4]) else []
     dx, dxl, d_a, d_b = torch.ops.mage.lora_linear_backward(
         grad_y.contiguous(), xl, weight, lora_a, lora_b, su, ctx.scaling, rows, ctx.separate, need_dx,
-        fisher_a, fisher_b, token_weight, ctx.num_samples, ctx.fisher_scale, ctx.dropout_p, seed,
+        fisher_a, fisher_b, fisher_count, token_weight, ctx.num_samples, ctx.fisher_scale, ctx.dropout_p, seed,
     )
     return (
         dx if need[0] else None, None, None,
         d_a if need[3] else None, d_b if need[4] else None,
         None,
         dxl if (ctx.separate and need[6]) else None,
-        None, None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None, None,
     )
 
 
@@ -469,6 +473,7 @@ def lora_linear(
     trainable_rows: Optional[Sequence[int]] = None,
     fisher_a: Optional[torch.Tensor] = None,
     fisher_b: Optional[torch.Tensor] = None,
+    fisher_count: Optional[torch.Tensor] = None,
     token_weight: Optional[torch.Tensor] = None,
     fisher_scale: float = 1.0,
     dropout_p: float = 0.0,
@@ -493,6 +498,9 @@ def lora_linear(
         fisher_a, fisher_b: float32 buffers shaped like ``lora_a``/``lora_b``;
             when given, the backward adds ``sum_n (fisher_scale * g_n)^2`` of the
             trainable rows/columns into them in place.
+        fisher_count: optional int64 ``[1]`` tensor (any device; :class:`mage_kernels.Fisher`
+            keeps it on the CPU) to which the backward adds the number of samples ``N``,
+            so the sample count needs no Python hook and compiles with the model.
         token_weight: optional ``[N, T]`` per-token weight for the Fisher
             (0 for padding); the batch gradient is not affected.
         fisher_scale: factor turning the gradient reaching this op into a
@@ -519,7 +527,7 @@ def lora_linear(
         raise ValueError("lora_linear: dropout_p > 0 needs a dropout_seed (mage_kernels.lora_op.new_dropout_seed)")
     y, _ = torch.ops.mage.lora_linear(
         x2, weight, bias, lora_a, lora_b, float(scaling), xl2, rows,
-        fisher_a, fisher_b, tw, int(num_samples), float(fisher_scale), p, dropout_seed if p else None,
+        fisher_a, fisher_b, fisher_count, tw, num_samples, float(fisher_scale), p, dropout_seed if p else None,
     )
     return y.reshape(*lead, lora_b.shape[0])
 

@@ -481,9 +481,10 @@ def _op_args(with_fisher: bool):
     b = torch.randn(n, r, requires_grad=True)
     fa = torch.zeros(r, k) if with_fisher else None
     fb = torch.zeros(n, r) if with_fisher else None
+    count = torch.zeros(1, dtype=torch.int64) if with_fisher else None
     tw = torch.ones(m) if with_fisher else None
     seed = torch.tensor([12345], dtype=torch.int64)
-    return (x, weight, bias, a, b, 0.5, x_lora, [0, 1, 5, 6], fa, fb, tw, 2, 1.0, 0.25, seed)
+    return (x, weight, bias, a, b, 0.5, x_lora, [0, 1, 5, 6], fa, fb, count, tw, 2, 1.0, 0.25, seed)
 
 
 @pytest.mark.parametrize("with_fisher", [False, True])
@@ -495,7 +496,8 @@ def test_opcheck_lora_linear(with_fisher):
 def test_opcheck_lora_linear_backward():
     m, k, n, r = 6, 9, 7, 8
     args = (torch.randn(m, n), torch.randn(m, k), torch.randn(n, k), torch.randn(r, k), torch.randn(n, r),
-            torch.randn(m, r), 0.5, [0, 1, 5], True, True, torch.zeros(r, k), torch.zeros(n, r), None, 3, 1.0,
+            torch.randn(m, r), 0.5, [0, 1, 5], True, True, torch.zeros(r, k), torch.zeros(n, r),
+            torch.zeros(1, dtype=torch.int64), None, 3, 1.0,
             0.25, torch.tensor([7], dtype=torch.int64))
     with mage_kernels.use_backend("torch"):
         torch.library.opcheck(torch.ops.mage.lora_linear_backward.default, args)

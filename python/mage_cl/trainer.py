@@ -6,7 +6,7 @@ batches of its training set, the method's hooks around each step, see
 generation judged by each task's judge. The accuracy matrix row ``j`` holds the
 rates (0-100) for those tasks; tasks not trained yet are ``None`` (the paper's
 tables show "-" there). Each wrong answer has exactly one error type, so the
-IUF / HAL / OTH matrices are filled alongside (SPEC section 5).
+IUF / HAL / OTH matrices are filled alongside (ALGORITHM.md section 5).
 
 The loss is the mean over samples of each sample's mean target-token loss
 (:func:`mage_cl.methods.base.batch_loss`), which is what the per-sample Fisher

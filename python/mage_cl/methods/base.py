@@ -18,7 +18,7 @@ steps or tasks beyond the adapters themselves), measured from the real tensors
 with :func:`mage_kernels.persistent_state_bytes` where the library provides the
 state, else summed over the tensors the method holds.
 
-All methods have the same total LoRA rank (SPEC section 1 / paper 9.3): four
+All methods have the same total LoRA rank (ALGORITHM.md section 1 / paper 9.3): four
 adapters of rank 8, or one adapter of rank 32.
 """
 
@@ -92,7 +92,7 @@ class Method:
     trains = True
     #: Whether the trainer trains once on the union of all tasks (multitask upper bound).
     joint = False
-    #: Whether the trainer should accumulate the per-sample Fisher each step (SPEC section 2).
+    #: Whether the trainer should accumulate the per-sample Fisher each step (ALGORITHM.md section 2).
     needs_fisher = False
 
     def __init__(self, config: Optional[MethodConfig] = None) -> None:

@@ -1,4 +1,4 @@
-"""CIA baseline without instruction grouping: the layer-wise dynamic EMA (DEMA, SPEC section 4).
+"""CIA baseline without instruction grouping: the layer-wise dynamic EMA (DEMA, ALGORITHM.md section 4).
 
 Paper 9.4: CIA's instruction grouping expands the LoRA parameters, so, like the
 paper, this comparison removes it and keeps only the dynamic EMA update on one
@@ -39,6 +39,6 @@ class CIA(Method):
         return int(mk.persistent_state_bytes(self.dema))
 
     def diagnostics(self):
-        """Share of DEMA's per-tensor updates this task that used the fallback alpha (SPEC section 4)."""
+        """Share of DEMA's per-tensor updates this task that used the fallback alpha (ALGORITHM.md section 4)."""
         total = self.dema.steps * len(self.dema.params)
         return {"dema_fallback_fraction": self.dema.fallback_count / total if total else float("nan")}

@@ -1,7 +1,7 @@
 """EWC baseline (Kirkpatrick et al., 2017) on one rank-32 LoRA.
 
 After each task the diagonal Fisher of the adapters is estimated over that task's
-whole training set with the library's per-sample Fisher (``mk.Fisher``, SPEC
+whole training set with the library's per-sample Fisher (``mk.Fisher``, ALGORITHM.md
 section 2: mean of squared per-sample gradients), added to the running Fisher of
 the earlier tasks ("online" EWC), and the adapters are anchored:
 

@@ -1,6 +1,6 @@
 """MoELoRA baseline (Chen et al., NeurIPS'24 / CoIN): four rank-8 LoRA experts mixed by a per-token router.
 
-SPEC section 1: ``y = x W0^T + s * sum_k g_k(x) B_k A_k drop(x)`` with
+ALGORITHM.md section 1: ``y = x W0^T + s * sum_k g_k(x) B_k A_k drop(x)`` with
 ``g(x) = softmax(x R^T)``, ``R: [4, d_in]`` (trainable, initialized N(0, 0.01^2),
 so the gates start near 1/4). EW (:mod:`mage_cl.methods.mage`) is this with the
 router replaced by equal weights. The gated sum cannot use the fused equal-weight

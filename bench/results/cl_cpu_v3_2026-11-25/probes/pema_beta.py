@@ -2,7 +2,7 @@
 
 Trains MAGE on the first task of the default order (VQAv2) on the cached ``cpu`` base and, at
 steps 1, 10, 50, 100, 250, prints quantiles over all trained adapter elements of |g|,
-F, F*(theta - theta*) and beta = (g + 1) / (F*(theta - theta*) + lam) (SPEC section 3; theta* is
+F, F*(theta - theta*) and beta = (g + 1) / (F*(theta - theta*) + lam) (ALGORITHM.md section 3; theta* is
 the EMA before this step's update) and the share of elements with 0 < beta < 1.
 """
 import copy
