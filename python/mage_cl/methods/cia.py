@@ -14,12 +14,12 @@ import mage_kernels as mk
 
 from .base import Method
 
-__all__ = ["CIA"]
+__all__ = ["CIA", "WithDEMA"]
 
 
-class CIA(Method):
-    name = "cia"
-    summary = "CIA without instruction grouping: layer-wise dynamic EMA (DEMA) of one rank-32 LoRA"
+class WithDEMA:
+    """Mixin: ``mk.DEMA`` after every optimizer step, the adapters take their EMA values at
+    each task's end. Used by CIA (on one LoRA) and by ``mage-dema`` (on EW + GA)."""
 
     def setup(self, model) -> None:
         super().setup(model)
@@ -42,3 +42,8 @@ class CIA(Method):
         """Share of DEMA's per-tensor updates this task that used the fallback alpha (ALGORITHM.md section 4)."""
         total = self.dema.steps * len(self.dema.params)
         return {"dema_fallback_fraction": self.dema.fallback_count / total if total else float("nan")}
+
+
+class CIA(WithDEMA, Method):
+    name = "cia"
+    summary = "CIA without instruction grouping: layer-wise dynamic EMA (DEMA) of one rank-32 LoRA"

@@ -29,6 +29,7 @@ import torch
 import mage_kernels as mk
 
 from .base import Method
+from .cia import WithDEMA
 
 __all__ = ["EW", "EWGA", "MAGE", "MAGEDEMA", "MAGEAuthors", "BetaTracker"]
 
@@ -151,39 +152,18 @@ class MAGE(EWGA):
 
     def diagnostics(self):
         """PEMA's fallback share this task (exact, from the kernel's counter) and the beta statistics."""
-        total = self.pema.steps * sum(p.numel() for p in self.pema.params)
+        total = self.pema.steps * self.pema.numel
         out = {"pema_fallback_fraction": self.pema.fallback_count / total if total else float("nan")}
         if self.beta is not None:
             out.update(self.beta.summary())
         return out
 
 
-class MAGEDEMA(EWGA):
+class MAGEDEMA(WithDEMA, EWGA):
     """EW + GA + CIA's DEMA instead of PEMA (paper Fig. 8)."""
 
     name = "mage-dema"
     summary = "MAGE with CIA's layer-wise DEMA in place of PEMA (the paper's Fig. 8 comparison)"
-
-    def setup(self, model) -> None:
-        super().setup(model)
-        self.dema = mk.DEMA(model)
-
-    def before_task(self, task, task_index: int) -> None:
-        super().before_task(task, task_index)
-        self.dema.start_task()
-
-    def after_step(self, fisher) -> None:
-        self.dema.update()
-
-    def after_task(self, task, train_batches) -> None:
-        self.dema.finish_task()
-
-    def state_bytes(self) -> int:
-        return int(mk.persistent_state_bytes(self.dema))
-
-    def diagnostics(self):
-        total = self.dema.steps * len(self.dema.params)
-        return {"dema_fallback_fraction": self.dema.fallback_count / total if total else float("nan")}
 
 
 class MAGEAuthors(EWGA):
