@@ -229,7 +229,8 @@ def pema_cases(size: Dict, dev: str) -> List[Case]:
             for layer in model:
                 layer.fisher_a.uniform_(0, 1e-6)
                 layer.fisher_b.uniform_(0, 1e-6)
-        fisher._count = 16  # as after a backward of 16 samples
+        for layer in model:  # as after a backward of 16 samples
+            layer.fisher_count.fill_(16)
         pema = mk.PEMA(model)
         pema.cuda_graph = mode == "graph"
         with torch.no_grad():

@@ -72,7 +72,8 @@ def main() -> int:
             layer.set_trainable([0, 1, 2])
             model.append(layer)
     fisher = mk.Fisher(model)
-    fisher._count = 4  # as if a backward of 4 samples had run (the sums' values do not matter here)
+    for _, layer in fisher.layers:  # as if a backward of 4 samples had run (the sums' values do not matter)
+        layer.fisher_count.fill_(4)
     pema = mk.PEMA(model, backend="triton")
     params = pema.params
     assert len(params) == 1680, len(params)

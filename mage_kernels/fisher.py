@@ -25,11 +25,14 @@ Usage (a training step with PEMA, or a whole task for EWC)::
 
 How the per-sample gradient is recovered from the batch backward: with
 ``loss_reduction="mean"`` the loss is ``(1/N) sum_n loss_n``, so the gradient
-reaching a layer is ``1/N`` times the per-sample one and each layer's
-``fisher_scale`` is set to ``N / loss_scale`` by a forward pre-hook (``N`` =
-the leading dim of that layer's input); with ``"sum"`` it is ``1 / loss_scale``.
+reaching a layer is ``1/N`` times the per-sample one, and each layer's forward
+passes ``N / loss_scale`` to its backward (``N`` = the leading dim of that layer's
+input; the layer holds ``fisher_scale = 1 / loss_scale``, set through
+:attr:`Fisher.loss_scale`); with ``"sum"`` it passes ``1 / loss_scale``.
 ``loss_scale`` is any extra factor the backward loss carries (an AMP
-``GradScaler`` scale, or ``1 / accumulation_steps``).
+``GradScaler`` scale, or ``1 / accumulation_steps``); it is read at each forward,
+so it may change between micro-batches (under ``torch.compile`` a new value
+recompiles: dynamo guards on the float).
 
 Token weights: inside :meth:`Fisher.token_weight` each token's contribution
 to its sample's gradient is multiplied by its weight before squaring
@@ -50,12 +53,16 @@ batch on every rank. A sharded update reads only its rank's slice
 
 Counting samples: each layer's backward op adds its ``N`` to the layer's
 ``fisher_count`` (an int64 CPU tensor), so a forward without a backward counts
-nothing, and micro-batches and accumulation windows add up. ``num_samples`` is
-the largest count over the layers (the batch, for every layer the loss depends
-on) and every ``F`` is divided by it. A layer applied twice in one forward
-(weight tying) counts twice and its per-use squares miss the cross terms; a
+nothing, and micro-batches and accumulation windows add up. Every layer that
+received a gradient must have counted the same samples (``[N, ...]`` inputs with
+the samples first, every micro-batch through the same layers); reading ``F``
+(or :attr:`num_samples`) raises naming two layers whose counts differ -- e.g. a
+layer fed a flattened ``[N*T, d]`` input, or a branch that only some
+micro-batches take -- instead of dividing by a wrong count. Layers that no
+gradient reached count 0 and have zero sums. A layer applied twice in one
+forward (weight tying) counts twice, so it is refused in the same way; a
 backward through the same graph twice (``retain_graph``) adds sums and counts
-twice.
+twice, leaving ``F`` unchanged.
 
 torch.compile: the Fisher adds no Python work to the traced forward (its only
 forward pre-hook reads attributes, and writes only while :meth:`token_weight` is
@@ -80,6 +87,11 @@ __all__ = ["Fisher"]
 _REDUCTIONS = ("mean", "sum")
 
 
+def _check_loss_scale(value: float) -> None:
+    if not (isinstance(value, (int, float)) and value > 0 and value != float("inf")):
+        raise ValueError(f"loss_scale must be a positive finite number; got {value}")
+
+
 class Fisher:
     """Enable per-sample squared-gradient accumulation on every :class:`MageLinear` of a model.
 
@@ -101,6 +113,7 @@ class Fisher:
             raise TypeError(f"Fisher expects an nn.Module; got {type(model).__name__}")
         if loss_reduction not in _REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {_REDUCTIONS}; got {loss_reduction!r}")
+        _check_loss_scale(loss_scale)  # before any layer is touched
         self.layers: List[Tuple[str, MageLinear]] = list(mage_layers(model))
         if not self.layers:
             raise ValueError("the model has no MageLinear layers; call mage_kernels.inject(model) first")
@@ -112,6 +125,7 @@ class Fisher:
         self._token_weight: Optional[torch.Tensor] = None
         self._param_index: Dict[int, Tuple[MageLinear, str, int]] = {}
         self._hooks = []
+        self._removed = False
         for _, layer in self.layers:
             a = layer.lora_A[0]
             dt = torch.float64 if a.dtype == torch.float64 else torch.float32
@@ -132,8 +146,7 @@ class Fisher:
 
     @loss_scale.setter
     def loss_scale(self, value: float) -> None:
-        if not (value > 0 and value != float("inf")):
-            raise ValueError(f"loss_scale must be a positive finite number; got {value}")
+        _check_loss_scale(value)
         self._loss_scale = float(value)
         for _, layer in self.layers:
             layer.fisher_scale = 1.0 / self._loss_scale
@@ -217,8 +230,21 @@ class Fisher:
         Each layer's backward counts the samples that reached it; this is the largest count
         (the batch, for every layer the loss depends on). All of ``F`` is divided by it.
         """
-        counts = [layer.fisher_count for _, layer in self.layers if layer.fisher_count is not None]
-        return int(torch.cat(counts).max()) if counts else 0
+        if self._removed:
+            return 0
+        counts = [layer.fisher_count for _, layer in self.layers]
+        c = torch.cat(counts)
+        hi = int(c.max())
+        lo = int(torch.where(c > 0, c, hi).min())
+        if lo != hi:
+            names = [name or "<root>" for name, _ in self.layers]
+            i, j = int(torch.nonzero(c == lo)[0]), int(torch.nonzero(c == hi)[0])
+            raise RuntimeError(
+                f"Fisher: layers counted different numbers of samples since reset() ({names[i]}: {lo}, "
+                f"{names[j]}: {hi}); every layer's input must be [num_samples, ...] with the samples first, and "
+                "every micro-batch of a window must pass through the same layers"
+            )
+        return hi
 
     def sync(self, group: Optional[object] = None) -> None:
         """All-reduce (sum) the sums and the sample count across the data-parallel ranks.
@@ -256,6 +282,7 @@ class Fisher:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._removed = True
         for _, layer in self.layers:
             layer.fisher_a = None
             layer.fisher_b = None
@@ -273,6 +300,8 @@ class Fisher:
         return layer
 
     def _divisor(self) -> float:
+        if self._removed:
+            raise RuntimeError("this Fisher was removed (or its buffers were cleared); create a new one")
         n = self.num_samples
         if n <= 0:
             raise RuntimeError(

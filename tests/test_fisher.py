@@ -348,3 +348,42 @@ def test_counts_forwards_of_a_submodule_called_directly():
     assert fisher.num_samples == 5
     assert torch.count_nonzero(model.down.fisher_a) == 0  # never ran
     assert torch.count_nonzero(model.up.fisher_a) > 0
+
+
+class _Flattening(TwoLayer):
+    """``down`` sees a flattened ``[N*T, hidden]`` input: its leading dim is not the samples."""
+
+    def forward(self, x):
+        h = torch.tanh(self.up(x))
+        return self.down(h.reshape(-1, h.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+def test_layers_that_counted_different_samples_raise_naming_them():
+    model = mk.inject(_Flattening(), ["up", "down"], r=2, dropout=0.0)
+    randomize(model)
+    fisher = mk.Fisher(model, loss_reduction="sum")
+    model(torch.randn(3, 4, 6)).pow(2).sum().backward()
+    assert [int(layer.fisher_count) for _, layer in fisher.layers] == [3, 12]
+    with pytest.raises(RuntimeError, match=r"different numbers of samples.*up: 3, down: 12"):
+        fisher.values()
+    with pytest.raises(RuntimeError, match="different numbers of samples"):
+        fisher.for_parameter(model.up.lora_A[0])
+    fisher.reset()  # a consistent window afterwards reads normally
+    model.down(torch.randn(5, 9)).pow(2).sum().backward()  # only `down` reached: `up` counts 0
+    assert fisher.num_samples == 5 and torch.count_nonzero(model.up.fisher_a) == 0
+    assert set(fisher.values()) >= {"down.lora_A.0", "up.lora_A.0"}
+
+
+def test_bad_loss_scale_leaves_the_model_untouched_and_removed_fisher_says_so():
+    layer = mk.MageLinear(5, 4, r=2, dropout=0.0)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="loss_scale"):
+            mk.Fisher(layer, loss_scale=bad)
+        assert layer.fisher_a is None and layer.fisher_count is None
+    fisher = mk.Fisher(layer)  # attachable: nothing was half-installed
+    with pytest.raises(ValueError, match="loss_scale"):
+        fisher.loss_scale = 0.0
+    assert fisher.loss_scale == 1.0
+    fisher.remove()
+    with pytest.raises(RuntimeError, match="was removed"):
+        fisher.values()

@@ -292,3 +292,20 @@ def test_trainer_under_ddp_matches_one_process_on_the_global_batches(tmp_path):
 
 if __name__ == "__main__":  # the DDP worker, started by torchrun from the test above
     _ddp_main(sys.argv[1])
+
+
+def test_trainer_with_gradient_checkpointing_matches_the_library_loop():
+    """The recomputed forward of a checkpointed block counts no samples (the count is in the backward op)."""
+    base = base_model()
+    model, fisher, pema, rec = train_with_trainer(base, n_items=8, gradient_checkpointing=True,
+                                                  gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.model.gradient_checkpointing
+    ref, _, ref_pema, ref_fishers = train_with_library_loop(base, rec.windows)
+    assert len(rec.fishers) == len(ref_fishers) == 2
+    for got, want in zip(rec.fishers, ref_fishers):
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-18, msg=k)
+    assert fisher.num_samples == 4
+    for e, re_ in zip(pema.emas, ref_pema.emas):
+        torch.testing.assert_close(e, re_, rtol=1e-10, atol=1e-12)
+    assert_same_adapters(model, ref)

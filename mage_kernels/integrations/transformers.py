@@ -193,9 +193,6 @@ class MageCallback(TrainerCallback):
         if getattr(args, "n_gpu", 1) > 1:
             raise ValueError("MageCallback does not support DataParallel (n_gpu > 1); launch one process per GPU "
                              "(torchrun / accelerate launch) for DDP")
-        if self.fisher is not None and getattr(args, "gradient_checkpointing", False):
-            raise ValueError("MageCallback with a Fisher does not support gradient_checkpointing (the recomputed "
-                             "forward would be counted as more samples; untested)")
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
             raise ValueError("MageCallback supports single-process and DDP training, not DeepSpeed or FSDP")
         if model is not None:
