@@ -31,7 +31,6 @@ without a GPU: on CPU the ratios show host overheads only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform

@@ -32,7 +32,6 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
 __all__ = [
     "LocalPart",
@@ -303,9 +302,9 @@ def full_tensor(p: torch.Tensor) -> torch.Tensor:
     if is_dtensor(p):
         return p.detach().full_tensor()
     if hasattr(p, "ds_id"):
-        from .integrations import deepspeed as _ds
+        from .integrations.deepspeed_params import gather_full
 
-        return _ds.gather_full(p)
+        return gather_full(p)
     return p.detach()
 
 
@@ -321,8 +320,8 @@ def load_full_(p: torch.Tensor, value: torch.Tensor) -> None:
             part = DTensorShard("", p)
             part.assign(part.take(value))
         elif is_deepspeed_param(p):
-            from .integrations import deepspeed as _ds
+            from .integrations.deepspeed_params import load_full_ as _load_zero
 
-            _ds.load_full_(p, value)
+            _load_zero(p, value)
         else:
             p.copy_(value)

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import array
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import triton

@@ -218,7 +218,8 @@ def _knowledge_prior(vocab, rng: random.Random, seed: int, n: int, kinds: Sequen
       and a handwritten 7.``;
     * ``smallbox``: one small digit on a 12x12 canvas + ``where is the ink?`` -> its box.
     """
-    from .tasks.digits import _raw_digits, global_split, load_digit_levels, resize_digit
+    from .tasks.digit_images import _raw_digits, global_split, load_digit_levels
+    from .tasks.digits import resize_digit
 
     unknown = sorted(set(kinds) - set(KNOWLEDGE_KINDS))
     if unknown:

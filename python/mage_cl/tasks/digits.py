@@ -34,7 +34,6 @@ an image is ``BOI`` + pixels + ``EOI``. The longest prompt (grounding) is about 
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -43,6 +42,7 @@ from ..error_types import (DIGIT_WORDS, HAL, box_iou, ink_pixels, is_digit_word,
                            is_yes_no, parse_bbox, type_image_tokens, type_text_tokens)
 from ..vocab import BOS, EOS, SEP, Vocab
 from .base import Example, Task, Verdict
+from .digit_images import TEST_FRACTION, _raw_digits, global_split, load_digit_levels  # noqa: F401 (re-exported)
 from .judge_classifier import DigitJudge, get_judge
 
 #: Short task ids, in the default (ALGORITHM.md §5) order.
@@ -75,9 +75,6 @@ PRESETS: Dict[str, Tuple[Optional[int], Optional[int]]] = {
     "cpu": (1000, 300),  # the committed CPU comparison (v4; v1-v3 had 400 / 100)
     "gpu": (None, None),  # all data
 }
-
-#: Fraction of the 1797 images held out for testing (stratified by class).
-TEST_FRACTION = 0.25
 
 #: Image shapes per task.
 DIGIT_SHAPE = (8, 8)
@@ -133,52 +130,6 @@ def order_names(order: str) -> List[str]:
 
 
 # ---------------------------------------------------------------------- data
-@functools.lru_cache(maxsize=1)
-def _raw_digits() -> Tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = np.asarray(d.images, dtype=np.float64)
-    images.setflags(write=False)
-    labels = np.asarray(d.target, dtype=np.int64)
-    labels.setflags(write=False)
-    return images, labels
-
-
-@functools.lru_cache(maxsize=8)
-def _levels_cached(levels: int) -> Tuple[np.ndarray, np.ndarray]:
-    images, labels = _raw_digits()
-    q = Vocab(levels).quantize(images)
-    q.setflags(write=False)
-    return q, labels
-
-
-def load_digit_levels(vocab: Vocab) -> Tuple[np.ndarray, np.ndarray]:
-    """All 1797 digits as level maps ``[1797, 8, 8]`` (int) and their labels ``[1797]`` (read-only)."""
-    return _levels_cached(vocab.levels)
-
-
-@functools.lru_cache(maxsize=16)
-def _split_cached(seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    _, labels = _raw_digits()
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
-    train, test = [], []
-    for c in range(10):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n_test = int(round(TEST_FRACTION * len(idx)))
-        test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    tr, te = np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-    tr.setflags(write=False)
-    te.setflags(write=False)
-    return tr, te
-
-
-def global_split(seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    """``(train_indices, test_indices)`` into the 1797 digits: the one split every task uses."""
-    return _split_cached(int(seed))
-
-
 def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     """Area-averaging resampling matrix ``[n_out, n_in]`` (rows sum to 1)."""
     m = np.zeros((n_out, n_in))

@@ -56,7 +56,7 @@ class DigitJudge:
 
 def get_judge(seed: int = 0, vocab: Vocab | None = None) -> DigitJudge:
     """The judge fitted on the train images of the global split for ``seed`` (cached)."""
-    from .digits import global_split, load_digit_levels
+    from .digit_images import global_split, load_digit_levels
 
     vocab = vocab or Vocab()
     key = (int(seed), vocab.levels)
