@@ -227,8 +227,9 @@ class Fisher:
     def num_samples(self) -> int:
         """Samples whose squared gradients were accumulated since :meth:`reset`.
 
-        Each layer's backward counts the samples that reached it; this is the largest count
-        (the batch, for every layer the loss depends on). All of ``F`` is divided by it.
+        Each layer's backward counts the samples that reached it; every layer with a nonzero
+        count must agree (else ``RuntimeError`` naming two of them), and all of ``F`` is
+        divided by that count. Layers no gradient reached count 0 and are ignored.
         """
         if self._removed:
             return 0

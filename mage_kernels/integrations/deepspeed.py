@@ -261,6 +261,4 @@ class ZeroSharding(Sharding):
         return f"ZeroSharding(stage={self.stage}, tracked={len(self._parts)})"
 
 
-# ---------------------------------------------------------------------------- whole tensors
-
-
+# gather_full / load_full_ (whole tensors) live in deepspeed_params, re-exported here.
