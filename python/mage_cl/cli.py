@@ -90,6 +90,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def _listing() -> str:
     """The choices with one-line descriptions, for the help epilog."""
+    from .engines import ENGINES
     from .methods import METHODS
     from .presets import PRESETS
     from .tasks import ORDERS, PAPER_NAMES
@@ -100,6 +101,8 @@ def _listing() -> str:
     lines += [f"  {name:<13} {', '.join(PAPER_NAMES[t] for t in tasks)}" for name, tasks in ORDERS.items()]
     lines += ["", "presets:"]
     lines += [f"  {name:<6} {p.description}" for name, p in PRESETS.items()]
+    lines += ["", "engines (--distributed, under torchrun):"]
+    lines += [f"  {name:<10} {text}" for name, text in ENGINES.items()]
     lines += ["", "backends:"]
     lines += [f"  {name:<7} {text}" for name, text in _BACKENDS.items()]
     lines += ["", "The algorithm, the metrics and every decision taken where the paper is silent: ALGORITHM.md."]
@@ -107,6 +110,7 @@ def _listing() -> str:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    from .engines import ENGINES
     from .presets import DEFAULT_PRESET, PRESETS
     from .tasks import ORDERS
 
@@ -133,6 +137,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="stop after this many stages (continue later with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the order, e.g. vqa,ocr (ids or paper names)")
+    d = p.add_argument_group("training at scale (under torchrun)")
+    d.add_argument("--distributed", default=None, metavar="ENGINE",
+                   help="data-parallel engine: " + ", ".join(ENGINES) + " (default under torchrun: ddp)")
+    d.add_argument("--deepspeed-config", default=None, metavar="FILE",
+                   help="DeepSpeed JSON config (zero_optimization; default stage 2); the driver sets batch "
+                        "sizes, clipping, optimizer and schedule")
     m = p.add_argument_group("real checkpoints (--model)")
     m.add_argument("--backbone", default=None, help="model family: janus | emu3 | chameleon | causal-lm "
                    "(default: detected from the checkpoint's config.json)")
@@ -188,7 +198,7 @@ def _options(args):
         backbone=args.backbone, clip=args.clip, clip_threshold=args.clip_threshold, dtype=args.dtype,
         attn_implementation=args.attn_implementation, gradient_checkpointing=args.gradient_checkpointing,
         max_batch_tokens=args.max_batch_tokens, image_size=args.image_size, image_guidance=args.image_guidance,
-        max_examples=args.max_examples,
+        max_examples=args.max_examples, distributed=args.distributed, deepspeed_config=args.deepspeed_config,
     )
 
 

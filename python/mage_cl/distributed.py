@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["init", "shutdown", "is_distributed", "rank", "world_size", "is_main", "shard",
-           "all_reduce_sum", "barrier", "broadcast_object", "wrap_ddp"]
+           "all_reduce_sum", "all_true", "barrier", "broadcast_object", "wrap_ddp"]
 
 T = TypeVar("T")
 
@@ -73,11 +73,30 @@ def shard(items: Sequence[T]) -> List[T]:
     return list(items[rank():: world_size()])
 
 
+def _all_reduce_(t: torch.Tensor, op) -> torch.Tensor:
+    """All-reduce ``t`` in place, through the GPU when the group is nccl's (which takes no CPU tensors)."""
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":
+        tmp = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(tmp, op=op)
+        t.copy_(tmp.cpu())
+    else:
+        dist.all_reduce(t, op=op)
+    return t
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over ranks in place (identity on one process); returns ``t``."""
     if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        _all_reduce_(t, dist.ReduceOp.SUM)
     return t
+
+
+def all_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (``flag`` itself on one process)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    return bool(_all_reduce_(t, dist.ReduceOp.MIN).item())
 
 
 def barrier() -> None:

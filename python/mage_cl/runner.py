@@ -38,6 +38,7 @@ import torch
 import mage_kernels as mk
 
 from . import checkpoint, distributed, results
+from .engines import ENGINES, SHARDED_METHODS, Engine, make_engine, read_deepspeed_config
 from .methods import METHODS, make_method
 from .methods.base import MethodConfig
 from .presets import Preset, get_preset
@@ -80,6 +81,8 @@ class RunOptions:
     image_size: Optional[int] = None
     image_guidance: Optional[float] = None
     max_examples: Optional[int] = None  # train and test examples per task (the first ones)
+    distributed: Optional[str] = None  # data-parallel engine under torchrun (mage_cl.engines; None: ddp)
+    deepspeed_config: Optional[str] = None  # ZeRO config file of the deepspeed engine
 
 def _validate(opts: RunOptions) -> Preset:
     from .tasks import ORDERS
@@ -103,6 +106,7 @@ def _validate(opts: RunOptions) -> Preset:
     _check_int("steps_per_task", opts.steps_per_task, 1, optional=True)
     _check_int("max_stages", opts.max_stages, 1, optional=True)
     _validate_model_options(opts)
+    _validate_engine(opts, preset)
     if opts.resume and opts.overwrite:
         raise UsageError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
     if opts.steps_per_task is not None:
@@ -111,6 +115,43 @@ def _validate(opts: RunOptions) -> Preset:
         preset = replace(preset, train=replace(preset.train, max_batch_tokens=int(opts.max_batch_tokens)))
     preset = replace(preset, train=replace(preset.train, seed=opts.seed))
     return preset
+
+
+def _validate_engine(opts: RunOptions, preset: Preset) -> None:
+    """``--distributed`` / ``--deepspeed-config``: a known engine, several processes, a method it can run."""
+    if opts.deepspeed_config is not None and opts.distributed != "deepspeed":
+        raise UsageError("--deepspeed-config goes with --distributed deepspeed")
+    if opts.distributed is None:
+        return
+    if opts.distributed not in ENGINES:
+        raise UsageError(f"unknown engine {opts.distributed!r}; choose from {', '.join(ENGINES)}")
+    world = distributed.world_size() if distributed.is_distributed() else int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        raise UsageError(f"--distributed {opts.distributed} needs several processes: launch with "
+                         "torchrun --nproc_per_node N -m mage_cl.cli ...")
+    if opts.distributed == "ddp":
+        return
+    if opts.method not in SHARDED_METHODS:
+        raise UsageError(f"--distributed {opts.distributed} runs {', '.join(SHARDED_METHODS)}; {opts.method} needs "
+                         "whole tensors on every rank (use --distributed ddp)")
+    if opts.model_path is not None:
+        raise UsageError(f"--distributed {opts.distributed} runs the embedded benchmark only; a --model runs under "
+                         "ddp (torchrun without --distributed)")
+    if opts.distributed == "deepspeed":
+        if opts.max_batch_tokens is not None:
+            raise UsageError("--max-batch-tokens is not supported with --distributed deepspeed")
+        if preset.train.batch_size % world:
+            raise UsageError(f"--distributed deepspeed needs the batch size ({preset.train.batch_size}) to be a "
+                             f"multiple of the {world} processes")
+        try:
+            read_deepspeed_config(opts.deepspeed_config)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+
+def _engine(opts: RunOptions) -> Engine:
+    return make_engine(opts.distributed or "ddp", read_deepspeed_config(opts.deepspeed_config)
+                       if opts.distributed == "deepspeed" else None)
 
 
 def _validate_model_options(opts: RunOptions) -> None:
@@ -370,14 +411,14 @@ def _load_checkpoint_workload(opts: RunOptions, preset: Preset, names: List[str]
 
 
 
-def _config(opts: RunOptions, preset: Preset, work: Workload) -> Dict[str, object]:
+def _config(opts: RunOptions, preset: Preset, work: Workload, engine: Engine) -> Dict[str, object]:
     train = asdict(preset.train)
     if train.get("max_batch_tokens") is None:  # absent as before the option existed: old checkpoints still resume
         train.pop("max_batch_tokens", None)
     extra = {k: work.info[k] for k in ("backbone", "dtype", "clip", "clip_threshold") if k in work.info}
     return {"method": opts.method, "order": opts.order, "preset": opts.preset, "seed": opts.seed,
             "model": work.info["model"], "data": work.info["data"], "tasks": work.names,
-            "train": train, "world_size": distributed.world_size(), **extra}
+            "train": train, "world_size": distributed.world_size(), **extra, **engine.describe()}
 
 
 def _device_name(dev: torch.device) -> str:
@@ -488,7 +529,8 @@ def _run(opts: RunOptions, preset: Preset, out: Path, work: Optional[Workload], 
     work = work or prepare(opts, preset)
     method = make_method(opts.method)
     n_stages = 1 if method.joint else len(work.names)
-    config = _config(opts, preset, work)
+    engine = _engine(opts)
+    config = _config(opts, preset, work, engine)
     stages: List[dict] = []
     start, elapsed_before, processes = 0, 0.0, 1
     payload = None
@@ -506,7 +548,7 @@ def _run(opts: RunOptions, preset: Preset, out: Path, work: Optional[Workload], 
     if config_of_backbone is not None:  # adapters on the backbone's language model
         method = make_method(opts.method, config_of_backbone)
     torch.manual_seed(opts.seed)  # adapter initialization (A ~ N(0, 0.01^2), MoELoRA router)
-    method.setup(model)
+    method.setup(model, None if engine.name == "ddp" else engine.prepare)
     if payload is not None:
         try:
             method.load_adapter_state(payload["adapters"])
@@ -533,10 +575,10 @@ def _run(opts: RunOptions, preset: Preset, out: Path, work: Optional[Workload], 
 
     def on_stage(j: int, st: StageResult) -> None:
         stages.append(asdict(st))
+        # every rank gathers (a collective under FSDP2 / ZeRO-3), rank 0 writes
+        payload = {"stages_done": j + 1, "stages": stages, "adapters": method.adapter_state(),
+                   "method_state": method.state_dict(), "elapsed_seconds": elapsed(), "processes": processes}
         if distributed.is_main():
-            payload = {"stages_done": j + 1, "stages": stages, "adapters": method.adapter_state(),
-                       "method_state": method.state_dict(), "elapsed_seconds": elapsed(),
-                       "processes": processes}
             with _DeferInterrupt():
                 checkpoint.save(out, payload, config)
         _STATUS.update(done=j + 1)
@@ -545,18 +587,21 @@ def _run(opts: RunOptions, preset: Preset, out: Path, work: Optional[Workload], 
             raise _Stop()
 
     seq = Sequencer(model, method, work.tasks, work.names, preset.train, work.pad_id, work.eos_id,
-                    progress=opts.progress, backbone=work.backbone)
+                    progress=opts.progress, backbone=work.backbone, engine=engine)
     done = start >= n_stages and bool(stages)
-    if not done:
-        try:
-            seq.run(start_stage=start, on_stage=on_stage, on_stage_start=on_stage_start)
-        except _Stop:
-            pass
+    try:
+        if not done:
+            try:
+                seq.run(start_stage=start, on_stage=on_stage, on_stage_start=on_stage_start)
+            except _Stop:
+                pass
+    finally:
+        engine.finish()
     method.finish()
     _STATUS.update(phase="write")
     meta = {
         "order": opts.order, "preset": opts.preset, "seed": opts.seed, "backend": mk.resolve_backend(device),
-        "device": _device_name(device), "world_size": distributed.world_size(),
+        "device": _device_name(device), "world_size": distributed.world_size(), "engine": engine.name,
         "wall_seconds": elapsed(), "processes": processes, "date": datetime.date.today().isoformat(),
         "steps_per_task": preset.train.steps_per_task, "out": str(out), **work.info,
     }

@@ -37,6 +37,7 @@ from torch import nn
 import mage_kernels as mk
 
 from . import distributed
+from .engines import Engine
 from .methods.base import Method, batch_loss
 from .tasks.base import ERROR_TYPES, Example, Task
 
@@ -150,8 +151,12 @@ def micro_batches(examples: Sequence[Example], max_tokens: Optional[int], backbo
 
 @torch.no_grad()
 def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
-                    eos_id: int) -> List[List[int]]:
-    """Greedy continuation of each prompt (left-padded batch, KV cache), cut before the first EOS."""
+                    eos_id: int, lockstep: bool = False) -> List[List[int]]:
+    """Greedy continuation of each prompt (left-padded batch, KV cache), cut before the first EOS.
+
+    ``lockstep``: stop only when every rank's batch is done (each forward is a collective
+    under FSDP2 and ZeRO-3, so all ranks must run the same number of them).
+    """
     if not prompts:
         return []
     dev = next(model.parameters()).device
@@ -175,7 +180,7 @@ def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_
         nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
         gen.append(nxt)
         done |= nxt == eos_id
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or (distributed.all_true(bool(done.all())) if lockstep else bool(done.all())):
             break
         att = torch.cat([att, torch.ones((B, 1), dtype=att.dtype, device=dev)], 1)
         last_pos = last_pos + 1
@@ -192,18 +197,26 @@ def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_
 
 def evaluate_task(model: nn.Module, task: Task, pad_id: int, eos_id: int, batch_size: int = 64,
                   max_eval: Optional[int] = None, backbone=None, max_tokens: Optional[int] = None,
-                  progress: bool = False) -> Dict[str, float]:
+                  progress: bool = False, lockstep: bool = False) -> Dict[str, float]:
     """Rates (0-100) of correct answers and of each error type on ``task.test`` (summed over ranks).
 
     With a ``backbone`` the answers are its :meth:`~mage_cl.backbones.Backbone.generate`; chunks
     of ``batch_size`` prompts are split further so that ``rows * (prompt + answer tokens)``
     stays within ``max_tokens``. When the judge gives scores (the CLIP judge), ``"score"``
-    is their mean over the examples that have one.
+    is their mean over the examples that have one. ``lockstep`` (FSDP2, ZeRO-3: every forward
+    is a collective) pads each rank's share to the same number of prompts with repeats of its
+    first one, whose answers are not counted, and generates in lock-step.
     """
     from tqdm.auto import tqdm
 
     tests = task.test if max_eval is None else task.test[:max_eval]
     mine = distributed.shard(list(range(len(tests))))
+    counted = len(mine)
+    if lockstep:
+        if backbone is not None and not getattr(backbone, "lockstep", False):
+            raise ValueError(f"lock-step evaluation (FSDP2, ZeRO-3) of a {backbone.name} backbone is not supported")
+        per_rank = -(-len(tests) // distributed.world_size())
+        mine = mine + [mine[0] if mine else 0] * (per_rank - len(mine))
     counts = torch.zeros(1 + len(ERROR_TYPES) + 2, dtype=torch.float64)  # correct, IUF, HAL, OTH, score sum, scored
     was_training = model.training
     model.eval()
@@ -212,12 +225,16 @@ def evaluate_task(model: nn.Module, task: Task, pad_id: int, eos_id: int, batch_
     try:
         for s in range(0, len(mine), batch_size):
             chunk = [tests[i] for i in mine[s: s + batch_size]]
-            for part in _eval_parts(chunk, task, backbone, max_tokens):
+            keep = max(0, min(len(chunk), counted - s))  # the padding (lockstep) is not counted
+            for part in [chunk] if lockstep else _eval_parts(chunk, task, backbone, max_tokens):
                 if backbone is None:
-                    outs = greedy_generate(model, [e.prompt for e in part], task.max_new_tokens, pad_id, eos_id)
+                    outs = greedy_generate(model, [e.prompt for e in part], task.max_new_tokens, pad_id, eos_id,
+                                           lockstep)
+                elif lockstep:
+                    outs = backbone.generate(model, part, task, lockstep=True)
                 else:
                     outs = backbone.generate(model, part, task)
-                for e, g in zip(part, outs):
+                for e, g in zip(part[:keep], outs[:keep]):
                     v = task.judge(g, e)
                     counts[0 if v.correct else 1 + ERROR_TYPES.index(v.error)] += 1
                     if getattr(v, "score", None) is not None:
@@ -250,17 +267,23 @@ def _eval_parts(chunk: List[Example], task: Task, backbone, max_tokens: Optional
 
 
 def train_task(model: nn.Module, method: Method, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
-               seed: int, desc: str = "train", progress: bool = False, backbone=None) -> Dict[str, float]:
-    """``cfg.steps_per_task`` steps of ``method`` on ``examples``; returns tokens, seconds and final loss."""
+               seed: int, desc: str = "train", progress: bool = False, backbone=None,
+               engine: Optional[Engine] = None) -> Dict[str, float]:
+    """``cfg.steps_per_task`` steps of ``method`` on ``examples``; returns tokens, seconds and final loss.
+
+    ``engine`` (:mod:`mage_cl.engines`; default: DDP under ``torchrun``, plain steps on one
+    process) builds the task's optimizer step; the method sees it through
+    :meth:`~mage_cl.methods.base.Method.bind_steps` before the first step.
+    """
     from tqdm.auto import tqdm
 
     params = method.trainable_parameters()
     if not params:
         raise RuntimeError(f"method {method.name} has no trainable parameters for this task")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    engine = engine or Engine()
     dev = next(model.parameters()).device
-    ddp_model = distributed.wrap_ddp(model)
+    steps = engine.begin_task(model, params, cfg)
+    method.bind_steps(steps)
     fisher = mk.Fisher(model, loss_reduction="mean") if method.needs_fisher else None
     tokens, losses, peak = 0, [], 0
     if dev.type == "cuda":
@@ -275,43 +298,40 @@ def train_task(model: nn.Module, method: Method, examples: Sequence[Example], cf
             parts = micro_batches(mine, cfg.max_batch_tokens, backbone)
             if fisher is not None:
                 fisher.reset()
-            opt.zero_grad(set_to_none=True)
+            steps.zero_grad()
             step_loss, step_tokens = 0.0, 0
             for m_idx, part in enumerate(parts):
                 batch = _collate(backbone, part, model, pad_id, dev)
                 share = len(part) / len(mine)  # this micro-batch's part of the mean over the batch
                 if fisher is not None:
                     fisher.loss_scale = share  # its gradient is share * (1/n_m) sum_n g_n
-                sync = contextlib.nullcontext() if m_idx == len(parts) - 1 or ddp_model is model else ddp_model.no_sync()
-                with sync:
-                    loss = _loss(backbone, ddp_model, batch)
+                with steps.accumulate(m_idx == len(parts) - 1):
+                    loss = _loss(backbone, steps.module, batch)
                     total = loss if len(parts) == 1 else loss * share
                     if m_idx == 0:
                         extra = method.loss_extra(model)
                         total = total if extra is None else total + extra
-                    total.backward()
+                    steps.backward(total)
                 step_loss += float(loss.detach()) * share
                 step_tokens += int(batch["attention_mask"].sum())
             if fisher is not None:
                 fisher.loss_scale = 1.0
             method.after_backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            steps.clip()  # to cfg.grad_clip (DeepSpeed clips inside its step)
             method.before_step()
-            opt.step()
-            sched.step()
+            steps.step()  # optimizer step, scheduler step
             if fisher is not None:
                 fisher.sync()  # identical F on every rank before PEMA reads it
             method.after_step(fisher)
             tokens += step_tokens
             losses.append(step_loss)
             if not peak:
-                peak = training_bytes(model, opt, method, fisher)
+                peak = training_bytes(model, steps.optimizer_state(), method, fisher)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     finally:
         if fisher is not None:
             fisher.remove()
-        del ddp_model
+        steps.close()
     seconds = time.perf_counter() - t0
     tok = torch.tensor([float(tokens)], dtype=torch.float64)
     distributed.all_reduce_sum(tok)
@@ -321,7 +341,7 @@ def train_task(model: nn.Module, method: Method, examples: Sequence[Example], cf
             "peak_bytes": peak}
 
 
-def training_bytes(model: nn.Module, opt: torch.optim.Optimizer, method: Method, fisher) -> int:
+def training_bytes(model: nn.Module, opt_state, method: Method, fisher) -> int:
     """Bytes of the tensors a training step keeps alive, summed from the real tensors (CPU peak proxy).
 
     Model parameters + gradients of the trainable ones + optimizer state + the Fisher
@@ -330,7 +350,7 @@ def training_bytes(model: nn.Module, opt: torch.optim.Optimizer, method: Method,
     """
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     total += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    for st in opt.state.values():
+    for st in opt_state.values():
         total += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
     if fisher is not None:
         total += int(mk.persistent_state_bytes(fisher)) if hasattr(mk, "persistent_state_bytes") else 0
@@ -366,20 +386,22 @@ class Sequencer:
     """
 
     def __init__(self, model: nn.Module, method: Method, tasks: Dict[str, Task], order: Sequence[str],
-                 cfg: TrainConfig, pad_id: int, eos_id: int, progress: bool = False, backbone=None) -> None:
+                 cfg: TrainConfig, pad_id: int, eos_id: int, progress: bool = False, backbone=None,
+                 engine: Optional[Engine] = None) -> None:
         unknown = [n for n in order if n not in tasks]
         if unknown:
             raise ValueError(f"order names tasks {unknown} that are not loaded (have: {sorted(tasks)})")
         self.model, self.method, self.tasks, self.order = model, method, tasks, list(order)
         self.cfg, self.pad_id, self.eos_id, self.progress = cfg, pad_id, eos_id, progress
         self.backbone = backbone  # None: the token-id examples of the embedded benchmark
+        self.engine = engine or Engine()  # DDP under torchrun, plain steps on one process
         self.device = next(model.parameters()).device
 
     def evaluate(self, names: Sequence[str]) -> Tuple[Dict[str, Dict[str, float]], float]:
         t0 = time.perf_counter()
         res = {n: evaluate_task(self.model, self.tasks[n], self.pad_id, self.eos_id, self.cfg.eval_batch_size,
                                 self.cfg.max_eval, self.backbone, self.cfg.max_batch_tokens,
-                                self.progress and self.backbone is not None) for n in names}
+                                self.progress and self.backbone is not None, self.engine.lockstep) for n in names}
         return res, time.perf_counter() - t0
 
     def _stage(self, j: int, name: str, train_stats: Dict[str, float], evals, eval_s: float,
@@ -426,7 +448,7 @@ class Sequencer:
             first = self.tasks[self.order[0]]
             m.before_task(first, 0)
             stats = train_task(self.model, m, union, joint_cfg, self.pad_id, cfg.seed, "multitask", self.progress,
-                               self.backbone)
+                               self.backbone, self.engine)
             sb = m.state_bytes()
             m.after_task(first, consolidation_batches(union, cfg, self.pad_id, self.device, cfg.seed, self.backbone,
                                                       self.model))
@@ -444,7 +466,8 @@ class Sequencer:
             torch.manual_seed(seed)
             m.before_task(task, j)
             stats = train_task(self.model, m, task.train, cfg, self.pad_id, seed,
-                               f"[{j + 1}/{len(self.order)}] {m.name}:{name}", self.progress, self.backbone)
+                               f"[{j + 1}/{len(self.order)}] {m.name}:{name}", self.progress, self.backbone,
+                               self.engine)
             state_bytes = m.state_bytes()  # measured at the end of training, before consolidation frees it
             diag = m.diagnostics()
             m.after_task(task, consolidation_batches(task.train, cfg, self.pad_id, self.device, seed, self.backbone,

@@ -28,6 +28,8 @@ class TokenIdBackbone(Backbone):
     """Examples that are plain token ids (no image slots): the trainer's collate, loss and greedy decoding."""
 
     name = "token-ids"
+    #: :meth:`generate` can run in lock-step over the ranks (FSDP2, ZeRO-3: every forward a collective).
+    lockstep = True
 
     def __init__(self, pad_id: int, eos_id: int) -> None:
         self.pad_id, self.eos_id = int(pad_id), int(eos_id)
@@ -45,10 +47,11 @@ class TokenIdBackbone(Backbone):
 
         return batch_loss(model, batch)
 
-    def generate(self, model: nn.Module, examples: Sequence[Any], task: Any) -> List[List[int]]:
+    def generate(self, model: nn.Module, examples: Sequence[Any], task: Any, lockstep: bool = False) -> List[List[int]]:
         from ..trainer import greedy_generate
 
-        return greedy_generate(model, [e.prompt for e in examples], task.max_new_tokens, self.pad_id, self.eos_id)
+        return greedy_generate(model, [e.prompt for e in examples], task.max_new_tokens, self.pad_id, self.eos_id,
+                               lockstep)
 
 
 class TinyBackbone(TokenIdBackbone):

@@ -4,12 +4,13 @@ The trainer (:mod:`mage_cl.trainer`) calls, for each task in the order::
 
     method.setup(model)                      # once: inject adapters, build state
     method.before_task(task, task_index)     # choose trainable adapters, snapshot state
+    method.bind_steps(steps)                 # the engine's steps for this task (mage_cl.engines)
     for each step:
         loss = task loss + method.loss_extra(model)      # regularizers (EWC, RegLoRA)
         loss.backward()
         method.after_backward()              # gradient surgery (PGP)
         clip gradients; method.before_step() # the authors' PEMA (mage-authors)
-        optimizer.step()
+        optimizer step
         method.after_step(fisher)            # EMA-style updates (LAE, CIA, MAGE)
     method.after_task(task, train_batches)   # consolidate (EWC Fisher, PGP basis, ...)
 
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 import mage_kernels as mk
+from mage_kernels.sharding import full_shape, full_tensor, load_full_
 
 __all__ = ["MethodConfig", "Method", "LoRA", "ZeroShot", "Multitask", "tensor_bytes", "batch_loss"]
 
@@ -117,9 +119,15 @@ class Method:
                     for p in list(layer.lora_A) + list(layer.lora_B):
                         p.data = p.data.to(dtype)
 
-    def setup(self, model: nn.Module) -> None:
-        """Inject the adapters into the (frozen) ``model``."""
+    def setup(self, model: nn.Module, prepare: Optional[Callable[[nn.Module], None]] = None) -> None:
+        """Inject the adapters into the (frozen) ``model``, then call ``prepare(model)``.
+
+        ``prepare`` runs before subclasses build their state: the FSDP2 engine shards the
+        model there (:meth:`mage_cl.engines.Engine.prepare`), so PEMA/DEMA see the shards.
+        """
         self.inject(model)
+        if prepare is not None:
+            prepare(model)
         self.model = model
 
     def trainable_parameters(self) -> List[nn.Parameter]:
@@ -129,8 +137,12 @@ class Method:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def adapter_state(self) -> Dict[str, torch.Tensor]:
-        """Every adapter (and router) tensor, trainable or not, as CPU copies (for checkpoints)."""
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if _is_adapter(n)}
+        """Every adapter (and router) tensor, trainable or not, as whole CPU copies (for checkpoints).
+
+        Under FSDP2 or ZeRO-3 the tensors are gathered from the shards: a collective, so every
+        rank calls it (and gets the same dict).
+        """
+        return {n: full_tensor(p).cpu().clone() for n, p in self.model.named_parameters() if _is_adapter(n)}
 
     def load_adapter_state(self, state: Dict[str, torch.Tensor]) -> None:
         own = {n: p for n, p in self.model.named_parameters() if _is_adapter(n)}
@@ -139,20 +151,26 @@ class Method:
             raise KeyError(f"adapter state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
         for n, p in own.items():  # validate everything before copying anything (all or nothing)
             v = state[n]
-            if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(p.shape):
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(full_shape(p)):
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise ValueError(f"adapter {n}: shape {got} != {tuple(p.shape)}")
+                raise ValueError(f"adapter {n}: shape {got} != {tuple(full_shape(p))}")
             if not torch.isfinite(v).all():
                 raise ValueError(f"adapter {n} holds non-finite values")
-        with torch.no_grad():
+        with torch.no_grad():  # each rank writes the part it holds (whole tensors when nothing is sharded)
             for n, p in own.items():
-                p.copy_(state[n].to(p.device, p.dtype))
+                load_full_(p, state[n].to(p.device, p.dtype))
 
     # -------------------------------------------------------------- hooks
 
     def before_task(self, task, task_index: int) -> None:
         """Default: train every adapter."""
         mk.set_trainable(self.model, range(self.num_adapters))
+
+    def bind_steps(self, steps) -> None:
+        """The task's :class:`mage_cl.engines.TaskSteps`, after ``before_task``, before the first step.
+
+        Methods with library state take ``steps.sharding`` here (DeepSpeed's partitions).
+        """
 
     def loss_extra(self, model: nn.Module) -> Optional[torch.Tensor]:
         return None

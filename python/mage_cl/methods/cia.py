@@ -21,13 +21,20 @@ class WithDEMA:
     """Mixin: ``mk.DEMA`` after every optimizer step, the adapters take their EMA values at
     each task's end. Used by CIA (on one LoRA) and by ``mage-dema`` (on EW + GA)."""
 
-    def setup(self, model) -> None:
-        super().setup(model)
+    def setup(self, model, prepare=None) -> None:
+        super().setup(model, prepare)
         self.dema = mk.DEMA(model)
+        self._engine_sharding = False  # whether the last task's engine gave DEMA its sharding (DeepSpeed)
 
     def before_task(self, task, task_index: int) -> None:
         super().before_task(task, task_index)
-        self.dema.start_task()
+        if not self._engine_sharding:  # else bind_steps starts it, on the task's new engine
+            self.dema.start_task()
+
+    def bind_steps(self, steps) -> None:
+        self._engine_sharding = steps.sharding is not None
+        if self._engine_sharding:  # DeepSpeed: this task's engine holds the partitions
+            self.dema.start_task(sharding=steps.sharding)
 
     def after_step(self, fisher) -> None:
         self.dema.update()

@@ -125,21 +125,31 @@ class MAGE(EWGA):
         self.beta_fallback = beta_fallback
         self.pema = None
         self.beta = BetaTracker(lam) if track_beta else None
+        self._observe = self.beta is not None
+        self._engine_sharding = False  # whether the last task's engine gave PEMA its sharding (DeepSpeed)
 
-    def setup(self, model) -> None:
-        super().setup(model)
+    def setup(self, model, prepare=None) -> None:
+        super().setup(model, prepare)
         self.pema = mk.PEMA(model, lam=self.lam, beta_fallback=self.beta_fallback)
 
     def before_task(self, task, task_index: int) -> None:
         super().before_task(task, task_index)
-        self.pema.start_task()
+        if not self._engine_sharding:  # else bind_steps starts it, on the task's new engine
+            self.pema.start_task()
         if self.beta is not None:
             self.beta.reset()
+
+    def bind_steps(self, steps) -> None:
+        self._engine_sharding = steps.sharding is not None
+        if self._engine_sharding:  # DeepSpeed: this task's engine holds the partitions
+            self.pema.start_task(sharding=steps.sharding)
+        # the beta statistics read whole p.grad and F; under FSDP2 / ZeRO they are not recorded
+        self._observe = self.beta is not None and steps.plain_grads
 
     def after_step(self, fisher) -> None:
         if fisher is None:
             raise RuntimeError("MAGE needs the step's Fisher; the trainer must pass mk.Fisher")
-        if self.beta is not None:
+        if self._observe:
             p = self.pema.params
             self.beta.observe(p, self.pema.emas, [t.grad for t in p], fisher.for_parameters(p))
         self.pema.update(fisher)
@@ -176,8 +186,8 @@ class MAGEAuthors(EWGA):
         super().__init__(config)
         self.lam, self.fallback = lam, fallback
 
-    def setup(self, model) -> None:
-        super().setup(model)
+    def setup(self, model, prepare=None) -> None:
+        super().setup(model, prepare)
         self.pema = mk.AuthorsPEMA(model, lam=self.lam, fallback=self.fallback)
 
     def before_task(self, task, task_index: int) -> None:

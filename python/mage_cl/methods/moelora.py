@@ -64,7 +64,9 @@ class MoELoRA(Method):
     summary = "MoELoRA: four rank-8 experts mixed by a per-token softmax router"
     num_adapters = 4
 
-    def setup(self, model: nn.Module) -> None:
+    def setup(self, model: nn.Module, prepare=None) -> None:
+        if prepare is not None:
+            raise ValueError("MoELoRA's routers are added after the adapters: it cannot run on a sharded model")
         super().setup(model)
         for name, layer in list(mk.mage_layers(model)):
             parent_name, _, child = name.rpartition(".")

@@ -1,0 +1,304 @@
+"""How one task's training steps run under each data-parallel engine: DDP, FSDP2, DeepSpeed ZeRO.
+
+``mage-cl run --distributed ENGINE`` under ``torchrun`` picks one of :data:`ENGINES`; a single
+process, or ``torchrun`` without the option, uses ``ddp`` (plain steps on one process). The
+trainer (:func:`mage_cl.trainer.train_task`) asks the engine for a :class:`TaskSteps` at the
+start of every task -- the trainable adapters change from task to task, so each engine is
+(re)built for the task's trainable set -- and calls, per optimizer step::
+
+    for each micro-batch:  with steps.accumulate(last): steps.backward(loss(steps.module(batch)))
+    steps.clip(); method.before_step(); steps.step()   # clip to cfg.grad_clip, optimizer, scheduler
+
+The engines, and what each does with the library (ALGORITHM.md section 7):
+
+* ``ddp``  -- ``torch.nn.parallel.DistributedDataParallel`` over the trainable adapters, AdamW,
+  ``clip_grad_norm_``; every rank holds whole tensors (on one process: no wrapper at all).
+* ``fsdp`` -- torch FSDP2: :meth:`Engine.prepare` calls ``fully_shard`` on every decoder layer
+  and on the root right after the adapters are injected (before PEMA/DEMA are made, so they
+  see DTensor shards and stay shard-local); AdamW over the DTensor shards; the same clipping.
+* ``deepspeed`` -- ``deepspeed.initialize`` with a ZeRO config (stage 1, 2 or 3; the driver
+  sets the batch sizes, clipping, AdamW and the warm-up schedule from the preset), a new engine
+  for every task; PEMA and DEMA read this rank's partitions through
+  :class:`mage_kernels.integrations.deepspeed.ZeroSharding`.
+
+Under ``fsdp`` and ZeRO-3 every forward is a collective, so evaluation runs in lock-step
+(:attr:`Engine.lockstep`). Methods whose updates need whole tensors or whole gradients on
+every rank (EWC's and PGP's consolidation passes, LAE's, RegLoRA's and the authors' dense
+PEMA, MoELoRA's router) are refused under ``fsdp`` and ``deepspeed`` (:data:`SHARDED_METHODS`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from . import distributed
+
+__all__ = ["ENGINES", "SHARDED_METHODS", "Engine", "TaskSteps", "make_engine", "read_deepspeed_config"]
+
+#: name -> one line for ``--help``.
+ENGINES: Dict[str, str] = {
+    "ddp": "DistributedDataParallel: whole tensors on every rank (also a single process)",
+    "fsdp": "torch FSDP2 fully_shard per decoder layer: adapters, gradients, optimizer and PEMA state sharded",
+    "deepspeed": "DeepSpeed ZeRO 1/2/3 (--deepspeed-config; default stage 2): PEMA on this rank's partitions",
+}
+
+#: Methods that run under ``fsdp`` and ``deepspeed``: their state is the library's (PEMA, DEMA)
+#: or none, so every update is shard-local or all-reduced (ALGORITHM.md section 7).
+SHARDED_METHODS = ("zero-shot", "lora", "multitask", "ew", "ew-ga", "mage", "mage-dema", "cia")
+
+#: Keys of a ``--deepspeed-config`` that the driver sets itself from the preset.
+_DRIVER_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping", "optimizer", "scheduler")
+
+
+def read_deepspeed_config(path: Optional[str]) -> Dict[str, object]:
+    """The ZeRO config a ``deepspeed`` run uses: ``path``'s JSON, or ``{"zero_optimization": {"stage": 2}}``.
+
+    Raises ``ValueError`` (one line) for a file that is not a JSON object, for keys the driver
+    sets itself (batch sizes, clipping, optimizer, scheduler: they come from the preset), a
+    ZeRO stage other than 1, 2, 3, optimizer or parameter offload, and fp16/bf16 (the driver
+    trains fp32 adapters; DeepSpeed's loss scaling would change the gradients PEMA reads).
+    """
+    if path is None:
+        return {"zero_optimization": {"stage": 2}}
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--deepspeed-config {path}: no such file")
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--deepspeed-config {path} is not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--deepspeed-config {path} must hold a JSON object, got {type(cfg).__name__}")
+    own = [k for k in _DRIVER_KEYS if k in cfg]
+    if own:
+        raise ValueError(f"--deepspeed-config {path} sets {', '.join(own)}: the driver sets these from the preset "
+                         "(batch size, clipping, AdamW and its warm-up); remove them")
+    for key in ("fp16", "bf16"):
+        if isinstance(cfg.get(key), dict) and cfg[key].get("enabled"):
+            raise ValueError(f"--deepspeed-config {path} enables {key}: the driver trains fp32 adapters "
+                             "(mixed precision under DeepSpeed is not supported)")
+    zero = cfg.get("zero_optimization", {"stage": 2})
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (1, 2, 3):
+        raise ValueError(f"--deepspeed-config {path}: zero_optimization.stage must be 1, 2 or 3 "
+                         f"(PEMA is shard-local on ZeRO partitions), got {zero!r}")
+    for key in ("offload_optimizer", "offload_param"):
+        dev = zero.get(key, {}).get("device", "none") if isinstance(zero.get(key), dict) else "none"
+        if dev not in (None, "none"):
+            raise ValueError(f"--deepspeed-config {path}: zero_optimization.{key} is not supported "
+                             "(PEMA reads the optimizer's partitions in place)")
+    return {**cfg, "zero_optimization": zero}
+
+
+class TaskSteps:
+    """One task's optimizer steps under an engine (see the module docstring for the call order).
+
+    ``module`` is what the trainer calls forward on; ``sharding`` is what PEMA/DEMA need for
+    this task (``None``: they find the parameters' own layout, whole tensors or DTensors);
+    ``plain_grads`` says whether ``p.grad`` holds the whole averaged gradient after
+    :meth:`step` (``ddp`` only), which MAGE's beta statistics need.
+    """
+
+    sharding = None
+    plain_grads = False
+
+    def __init__(self, module: nn.Module, params: List[nn.Parameter]) -> None:
+        self.module = module
+        self.params = params
+
+    def accumulate(self, last: bool):
+        """Context for one micro-batch's forward and backward; gradients are synced on the ``last``."""
+        return contextlib.nullcontext()
+
+    def zero_grad(self) -> None:
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip(self) -> None:
+        """Clip the step's gradients to ``cfg.grad_clip`` (a no-op where the engine clips in :meth:`step`)."""
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def optimizer_state(self) -> Dict[object, Dict[str, object]]:
+        """The optimizer's per-parameter state (for the memory report; empty where the engine hides it)."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class _TorchSteps(TaskSteps):
+    """AdamW + warm-up + ``clip_grad_norm_`` on the module's own gradients (DDP, FSDP2, one process)."""
+
+    def __init__(self, module, params, cfg, no_sync: Optional[Callable[[bool], object]] = None) -> None:
+        super().__init__(module, params)
+        self.cfg = cfg
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _warmup(cfg))
+        self._no_sync = no_sync
+
+    def accumulate(self, last: bool):
+        return contextlib.nullcontext() if last or self._no_sync is None else self._no_sync(last)
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def clip(self) -> None:
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+
+    def step(self) -> None:
+        self.opt.step()
+        self.sched.step()
+
+    def optimizer_state(self):
+        return self.opt.state
+
+
+def _warmup(cfg) -> Callable[[int], float]:
+    return lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
+
+
+class Engine:
+    """The ``ddp`` engine (and the single-process path); see :data:`ENGINES`."""
+
+    name = "ddp"
+    #: Whether every forward is a collective (parameters gathered from shards): evaluation in lock-step.
+    lockstep = False
+
+    def prepare(self, model: nn.Module) -> None:
+        """Called once, right after the adapters are injected and before any method state is made."""
+
+    def begin_task(self, model: nn.Module, params: List[nn.Parameter], cfg) -> TaskSteps:
+        """The steps of a task training ``params`` (the currently trainable adapters)."""
+        wrapped = distributed.wrap_ddp(model)
+        no_sync = None if wrapped is model else (lambda last: wrapped.no_sync())
+        steps = _TorchSteps(wrapped, params, cfg, no_sync)
+        steps.plain_grads = True
+        return steps
+
+    def finish(self) -> None:
+        """Release what the engine still holds (after the last task)."""
+
+    def describe(self) -> Dict[str, object]:
+        """What a checkpoint's configuration records about the engine (a resume must match it)."""
+        return {}
+
+
+def decoder_layers(model: nn.Module) -> List[nn.Module]:
+    """The transformer blocks FSDP2 shards one by one: every module whose class ends in ``DecoderLayer``."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no *DecoderLayer modules to shard with FSDP2")
+    return layers
+
+
+class FSDPEngine(Engine):
+    name = "fsdp"
+    lockstep = True
+
+    def prepare(self, model: nn.Module) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        dev = next(model.parameters()).device
+        mesh = init_device_mesh(dev.type, (distributed.world_size(),))
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+    def begin_task(self, model, params, cfg) -> TaskSteps:
+        def no_sync(last: bool):
+            return _gradient_sync(model, False)
+
+        return _TorchSteps(model, params, cfg, no_sync)
+
+    def describe(self) -> Dict[str, object]:
+        return {"engine": "fsdp"}
+
+
+@contextlib.contextmanager
+def _gradient_sync(model, enabled: bool):
+    model.set_requires_gradient_sync(enabled)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+class _DeepSpeedSteps(TaskSteps):
+    def __init__(self, engine, params) -> None:
+        from mage_kernels.integrations.deepspeed import ZeroSharding
+
+        super().__init__(engine, params)
+        self.engine = engine
+        self.sharding = ZeroSharding(engine)
+
+    def zero_grad(self) -> None:
+        pass  # DeepSpeed frees its gradient partitions inside engine.step()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()  # clips to gradient_clipping, steps AdamW and the schedule
+
+    def close(self) -> None:
+        self.sharding.remove()
+        self.engine.destroy()
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, config: Dict[str, object]) -> None:
+        self.config = config
+        self.stage = int(config["zero_optimization"].get("stage", 2))
+        self.lockstep = self.stage == 3
+        self._current: Optional[_DeepSpeedSteps] = None
+
+    def begin_task(self, model, params, cfg) -> TaskSteps:
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        self.finish()  # the previous task's engine (kept alive for its evaluation and consolidation)
+        world = distributed.world_size()
+        config = {**self.config, "train_batch_size": cfg.batch_size,
+                  "train_micro_batch_size_per_gpu": cfg.batch_size // world, "gradient_accumulation_steps": 1,
+                  "gradient_clipping": float(cfg.grad_clip or 0.0)}
+        config.setdefault("steps_per_print", 10 ** 9)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cfg))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
+        self._current = _DeepSpeedSteps(engine, params)
+        return self._current
+
+    def finish(self) -> None:
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+
+    def describe(self) -> Dict[str, object]:
+        return {"engine": "deepspeed", "zero_optimization": self.config["zero_optimization"]}
+
+
+def make_engine(name: str, deepspeed_config: Optional[Dict[str, object]] = None) -> Engine:
+    """The engine called ``name`` (one of :data:`ENGINES`)."""
+    if name == "ddp":
+        return Engine()
+    if name == "fsdp":
+        return FSDPEngine()
+    if name == "deepspeed":
+        return DeepSpeedEngine(deepspeed_config or read_deepspeed_config(None))
+    raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")

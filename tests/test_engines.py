@@ -1,0 +1,148 @@
+"""``mage-cl run --distributed {ddp,fsdp,deepspeed}`` under torchrun: 2 gloo processes on CPU.
+
+Every engine trains MAGE on two tasks of different modalities (so the trainable adapters,
+and DeepSpeed's engine, change between the tasks) of the smoke preset. FSDP2 and ZeRO-3 are
+interrupted after the first task and resumed, ZeRO-2 runs through; each must end with the
+DDP run's adapters (float tolerance: the engines reduce in another order) and its accuracy
+and error-type matrices exactly. DDP is the reference rather than one process because the
+preset's adapter dropout draws its masks per rank: with 2 ranks every engine sees the same
+masks, one process on the whole batch other ones (``tests/test_scale.py`` compares every
+engine with one process, dropout off).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mage_cl import engines, runner
+from mage_cl.runner import RunOptions, UsageError
+
+RUN = ["run", "--method", "mage", "--preset", "smoke", "--tasks", "vqa,generation", "--steps-per-task", "4",
+       "--no-progress", "--backend", "torch"]
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    env = {**os.environ, "MAGE_CL_CACHE": str(cache), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+    def go(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mage_cl.cli", *RUN, "--out", str(out), *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc
+
+    return go
+
+
+@pytest.fixture(scope="module")
+def runs(launch, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    z3 = root / "z3.json"
+    z3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    out = {"ddp": launch(root / "ddp")}
+    for name, extra in (("fsdp", ["--distributed", "fsdp"]),
+                        ("zero3", ["--distributed", "deepspeed", "--deepspeed-config", str(z3)])):
+        launch(root / name, *extra, "--max-stages", "1")
+        out[name] = launch(root / name, *extra, "--resume")
+    out["zero2"] = launch(root / "zero2", "--distributed", "deepspeed")  # the default config: stage 2
+    return root, out
+
+
+def _load(root: Path, name: str):
+    ck = torch.load(root / name / "checkpoint.pt", weights_only=False)
+    return ck, json.loads((root / name / "results.json").read_text())
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "zero3", "zero2"])
+def test_engine_ends_where_ddp_ends(runs, engine):
+    root, procs = runs
+    ref, ref_res = _load(root, "ddp")
+    got, res = _load(root, engine)
+    assert got["stages_done"] == ref["stages_done"] == 2
+    assert got["adapters"].keys() == ref["adapters"].keys()
+    moved = 0
+    for k, v in ref["adapters"].items():
+        torch.testing.assert_close(got["adapters"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+        moved += int(".lora_B." in k and v.abs().sum() > 0)
+    assert moved > 0  # training happened
+    for key in ("acc", "iuf", "hal", "oth"):
+        assert res[key] == ref_res[key], key
+    assert res["world_size"] == 2 and res["engine"] == ("fsdp" if engine == "fsdp" else "deepspeed")
+    # PEMA fell back on the same share of elements (the kernel's exact counter, summed over the shards)
+    for a, b in zip(res["diagnostics"], ref_res["diagnostics"]):
+        assert a["pema_fallback_fraction"] == pytest.approx(b["pema_fallback_fraction"], abs=1e-6)
+    assert procs[engine].stdout.count("| mage |") == 1  # rank 0 alone printed the table
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_sharded_engines_keep_half_of_pema_state_per_rank(runs, engine):
+    root, _ = runs
+    _, ref = _load(root, "ddp")
+    _, res = _load(root, engine)
+    assert res["method_state_bytes"] * 2 == ref["method_state_bytes"]
+
+
+def test_resume_says_where_it_resumes(runs):
+    root, procs = runs
+    assert "resuming" in procs["fsdp"].stderr and "1 of 2 stage(s) finished" in procs["fsdp"].stderr
+    ck, _ = _load(root, "fsdp")
+    assert ck["processes"] == 2  # the interrupted launch and the resumed one
+
+
+# ------------------------------------------------------------------ refused up front (no launch needed)
+
+
+@pytest.mark.parametrize("opts, words", [
+    (dict(distributed="zero"), ["unknown engine 'zero'", "fsdp", "deepspeed"]),
+    (dict(distributed="fsdp", method="pgp"), ["pgp needs whole tensors", "--distributed ddp"]),
+    (dict(distributed="deepspeed", method="moelora"), ["moelora"]),
+    (dict(distributed="deepspeed", max_batch_tokens=64), ["--max-batch-tokens"]),
+    (dict(deepspeed_config="x.json"), ["--deepspeed-config goes with --distributed deepspeed"]),
+])
+def test_bad_engine_choices_are_refused(monkeypatch, opts, words):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError) as exc:
+        runner._validate(RunOptions(**opts))
+    for w in words:
+        assert w in str(exc.value)
+
+
+def test_an_engine_without_torchrun_is_refused(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(UsageError, match="needs several processes: launch with torchrun"):
+        runner._validate(RunOptions(distributed="fsdp"))
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{not json", ["not valid JSON"]),
+    ("[1, 2]", ["must hold a JSON object"]),
+    ('{"train_batch_size": 8}', ["sets train_batch_size", "from the preset"]),
+    ('{"zero_optimization": {"stage": 0}}', ["stage must be 1, 2 or 3"]),
+    ('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}', ["offload_optimizer"]),
+    ('{"bf16": {"enabled": true}}', ["enables bf16"]),
+])
+def test_bad_deepspeed_configs_are_refused_in_one_line(tmp_path, text, words):
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    with pytest.raises(ValueError) as exc:
+        engines.read_deepspeed_config(str(path))
+    assert "\n" not in str(exc.value)
+    for w in words:
+        assert w in str(exc.value)
+
+
+def test_deepspeed_config_defaults_to_stage_2_and_keeps_the_users_keys(tmp_path):
+    assert engines.read_deepspeed_config(None) == {"zero_optimization": {"stage": 2}}
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 1000}, "steps_per_print": 5}')
+    cfg = engines.read_deepspeed_config(str(path))
+    assert cfg["zero_optimization"]["stage"] == 3 and cfg["steps_per_print"] == 5
