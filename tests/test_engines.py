@@ -89,6 +89,7 @@ def test_sharded_engines_keep_half_of_pema_state_per_rank(runs, engine):
     _, ref = _load(root, "ddp")
     _, res = _load(root, engine)
     assert res["method_state_bytes"] * 2 == ref["method_state_bytes"]
+    assert res["peak_bytes"] < ref["peak_bytes"]  # the rank's shards of adapters, gradients, AdamW state
 
 
 def test_resume_says_where_it_resumes(runs):

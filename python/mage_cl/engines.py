@@ -253,6 +253,11 @@ class _DeepSpeedSteps(TaskSteps):
     def step(self) -> None:
         self.engine.step()  # clips to gradient_clipping, steps AdamW and the schedule
 
+    def optimizer_state(self):
+        """AdamW's state on this rank's fp32 partitions (the client optimizer inside ZeRO's wrapper)."""
+        inner = getattr(getattr(self.engine, "optimizer", None), "optimizer", None)
+        return getattr(inner, "state", {}) or {}
+
     def close(self) -> None:
         self.sharding.remove()
         self.engine.destroy()

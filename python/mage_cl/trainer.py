@@ -345,16 +345,27 @@ def training_bytes(model: nn.Module, opt_state, method: Method, fisher) -> int:
     """Bytes of the tensors a training step keeps alive, summed from the real tensors (CPU peak proxy).
 
     Model parameters + gradients of the trainable ones + optimizer state + the Fisher
-    buffers + the method's persistent state. (On CUDA the trainer reports
-    ``torch.cuda.max_memory_allocated`` instead, which also counts activations.)
+    buffers + the method's persistent state, counting what this rank holds (its FSDP2 shards,
+    its ZeRO-3 partitions; ``opt_state`` is :meth:`mage_cl.engines.TaskSteps.optimizer_state`).
+    (On CUDA the trainer reports ``torch.cuda.max_memory_allocated`` instead, which also counts
+    activations.)
     """
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    total = sum(_held_bytes(p) for p in model.parameters())
+    total += sum(_held_bytes(p.grad) for p in model.parameters() if p.grad is not None)
     for st in opt_state.values():
-        total += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+        total += sum(_held_bytes(v) for v in st.values() if torch.is_tensor(v))
     if fisher is not None:
         total += int(mk.persistent_state_bytes(fisher)) if hasattr(mk, "persistent_state_bytes") else 0
     return int(total + method.state_bytes())
+
+
+def _held_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t`` on this rank: a DTensor's local shard, a ZeRO-3 parameter's partition."""
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    elif hasattr(t, "ds_tensor"):
+        t = t.ds_tensor
+    return t.numel() * t.element_size()
 
 
 def consolidation_batches(examples: Sequence[Example], cfg: TrainConfig, pad_id: int, device: torch.device,
