@@ -47,7 +47,9 @@ def launch(tmp_path_factory):
 def runs(launch, tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
     z3 = root / "z3.json"
-    z3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    # threshold 0: every parameter is partitioned and gathered by the engine's hooks in each forward,
+    # so the task's evaluation and checkpoint must run before the engine is destroyed
+    z3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
     out = {"ddp": launch(root / "ddp")}
     for name, extra in (("fsdp", ["--distributed", "fsdp"]),
                         ("zero3", ["--distributed", "deepspeed", "--deepspeed-config", str(z3)])):
@@ -107,6 +109,7 @@ def test_resume_says_where_it_resumes(runs):
     (dict(distributed="fsdp", method="pgp"), ["pgp needs whole tensors", "--distributed ddp"]),
     (dict(distributed="deepspeed", method="moelora"), ["moelora"]),
     (dict(distributed="deepspeed", max_batch_tokens=64), ["--max-batch-tokens"]),
+    (dict(distributed="fsdp", max_batch_tokens=64), ["--max-batch-tokens", "runs under ddp"]),
     (dict(deepspeed_config="x.json"), ["--deepspeed-config goes with --distributed deepspeed"]),
 ])
 def test_bad_engine_choices_are_refused(monkeypatch, opts, words):
@@ -115,6 +118,13 @@ def test_bad_engine_choices_are_refused(monkeypatch, opts, words):
         runner._validate(RunOptions(**opts))
     for w in words:
         assert w in str(exc.value)
+
+
+@pytest.mark.parametrize("engine", [None, "ddp", "fsdp"])
+def test_a_batch_the_processes_cannot_share_equally_is_refused(monkeypatch, engine):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # the smoke preset's batch is 8
+    with pytest.raises(UsageError, match=r"3 processes need the batch size \(8\) to be a multiple of 3"):
+        runner._validate(RunOptions(distributed=engine))
 
 
 def test_an_engine_without_torchrun_is_refused(monkeypatch):
@@ -130,6 +140,9 @@ def test_an_engine_without_torchrun_is_refused(monkeypatch):
     ('{"zero_optimization": {"stage": 0}}', ["stage must be 1, 2 or 3"]),
     ('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}', ["offload_optimizer"]),
     ('{"bf16": {"enabled": true}}', ["enables bf16"]),
+    ('{"bfloat16": {"enabled": true}}', ["enables bfloat16"]),
+    ('{"zero_optimization": {"stage": 3, "cpu_offload_param": true}}', ["cpu_offload_param is not supported"]),
+    ('{"zero_optimization": {"stage": true}}', ["stage must be 1, 2 or 3"]),
 ])
 def test_bad_deepspeed_configs_are_refused_in_one_line(tmp_path, text, words):
     path = tmp_path / "ds.json"
@@ -147,3 +160,11 @@ def test_deepspeed_config_defaults_to_stage_2_and_keeps_the_users_keys(tmp_path)
     path.write_text('{"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 1000}, "steps_per_print": 5}')
     cfg = engines.read_deepspeed_config(str(path))
     assert cfg["zero_optimization"]["stage"] == 3 and cfg["steps_per_print"] == 5
+
+
+def test_a_zero_config_without_a_stage_is_stage_2_and_the_whole_config_is_the_resume_fingerprint(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"reduce_bucket_size": 1000}}')
+    cfg = engines.read_deepspeed_config(str(path))
+    assert cfg["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert engines.make_engine("deepspeed", cfg).describe() == {"engine": "deepspeed", "deepspeed_config": cfg}

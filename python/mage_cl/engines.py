@@ -81,19 +81,23 @@ def read_deepspeed_config(path: Optional[str]) -> Dict[str, object]:
     if own:
         raise ValueError(f"--deepspeed-config {path} sets {', '.join(own)}: the driver sets these from the preset "
                          "(batch size, clipping, AdamW and its warm-up); remove them")
-    for key in ("fp16", "bf16"):
+    for key in ("fp16", "bf16", "bfloat16"):  # "bfloat16" is DeepSpeed's older name of "bf16"
         if isinstance(cfg.get(key), dict) and cfg[key].get("enabled"):
             raise ValueError(f"--deepspeed-config {path} enables {key}: the driver trains fp32 adapters "
                              "(mixed precision under DeepSpeed is not supported)")
-    zero = cfg.get("zero_optimization", {"stage": 2})
-    if not isinstance(zero, dict) or zero.get("stage", 0) not in (1, 2, 3):
+    zero = cfg.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"--deepspeed-config {path}: zero_optimization must be a JSON object, got {zero!r}")
+    zero = {"stage": 2, **zero}  # the driver's default stage when the file names none
+    if isinstance(zero["stage"], bool) or zero["stage"] not in (1, 2, 3):
         raise ValueError(f"--deepspeed-config {path}: zero_optimization.stage must be 1, 2 or 3 "
-                         f"(PEMA is shard-local on ZeRO partitions), got {zero!r}")
-    for key in ("offload_optimizer", "offload_param"):
-        dev = zero.get(key, {}).get("device", "none") if isinstance(zero.get(key), dict) else "none"
-        if dev not in (None, "none"):
-            raise ValueError(f"--deepspeed-config {path}: zero_optimization.{key} is not supported "
-                             "(PEMA reads the optimizer's partitions in place)")
+                         f"(PEMA is shard-local on ZeRO partitions), got {zero['stage']!r}")
+    offload = [f"zero_optimization.{key}" for key in ("offload_optimizer", "offload_param")
+               if isinstance(zero.get(key), dict) and zero[key].get("device", "none") not in (None, "none")]
+    offload += [f"zero_optimization.{key}" for key in ("cpu_offload", "cpu_offload_param") if zero.get(key)]
+    if offload:
+        raise ValueError(f"--deepspeed-config {path}: {', '.join(offload)} is not supported "
+                         "(PEMA reads the optimizer's partitions in place)")
     return {**cfg, "zero_optimization": zero}
 
 
@@ -134,7 +138,9 @@ class TaskSteps:
         return {}
 
     def close(self) -> None:
-        pass
+        """Release what the steps hold. The trainer calls it when training fails; after a task that
+        trained, the engine's next :meth:`Engine.begin_task` (or :meth:`Engine.finish`) does, so that
+        the task's evaluation and checkpoint still run on the engine. Safe to call twice."""
 
 
 class _TorchSteps(TaskSteps):
@@ -259,8 +265,11 @@ class _DeepSpeedSteps(TaskSteps):
         return getattr(inner, "state", {}) or {}
 
     def close(self) -> None:
+        if self.engine is None:
+            return  # already closed
         self.sharding.remove()
-        self.engine.destroy()
+        self.engine.destroy()  # under ZeRO-3 this removes the hooks that gather parameters for a forward
+        self.engine = None
 
 
 class DeepSpeedEngine(Engine):
@@ -277,7 +286,8 @@ class DeepSpeedEngine(Engine):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        self.finish()  # the previous task's engine (kept alive for its evaluation and consolidation)
+        self.finish()  # the previous task's engine, kept alive (ZeRO-3: its gather hooks) for the task's
+        # evaluation, consolidation and checkpoint
         world = distributed.world_size()
         config = {**self.config, "train_batch_size": cfg.batch_size,
                   "train_micro_batch_size_per_gpu": cfg.batch_size // world, "gradient_accumulation_steps": 1,
@@ -295,7 +305,7 @@ class DeepSpeedEngine(Engine):
             self._current = None
 
     def describe(self) -> Dict[str, object]:
-        return {"engine": "deepspeed", "zero_optimization": self.config["zero_optimization"]}
+        return {"engine": "deepspeed", "deepspeed_config": self.config}
 
 
 def make_engine(name: str, deepspeed_config: Optional[Dict[str, object]] = None) -> Engine:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import importlib.util
 import os
 import platform
 import sys
@@ -121,11 +122,15 @@ def _validate_engine(opts: RunOptions, preset: Preset) -> None:
     """``--distributed`` / ``--deepspeed-config``: a known engine, several processes, a method it can run."""
     if opts.deepspeed_config is not None and opts.distributed != "deepspeed":
         raise UsageError("--deepspeed-config goes with --distributed deepspeed")
+    world = distributed.world_size() if distributed.is_distributed() else int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and preset.train.batch_size % world:
+        # each rank takes an equal share of every global batch (an empty share would stall the others)
+        raise UsageError(f"{world} processes need the batch size ({preset.train.batch_size}) to be a multiple "
+                         f"of {world}; launch a number of processes that divides it")
     if opts.distributed is None:
         return
     if opts.distributed not in ENGINES:
         raise UsageError(f"unknown engine {opts.distributed!r}; choose from {', '.join(ENGINES)}")
-    world = distributed.world_size() if distributed.is_distributed() else int(os.environ.get("WORLD_SIZE", "1"))
     if world < 2:
         raise UsageError(f"--distributed {opts.distributed} needs several processes: launch with "
                          "torchrun --nproc_per_node N -m mage_cl.cli ...")
@@ -137,12 +142,14 @@ def _validate_engine(opts: RunOptions, preset: Preset) -> None:
     if opts.model_path is not None:
         raise UsageError(f"--distributed {opts.distributed} runs the embedded benchmark only; a --model runs under "
                          "ddp (torchrun without --distributed)")
+    if opts.max_batch_tokens is not None:
+        # ranks would split their shares into different numbers of micro-batches, and under FSDP2 /
+        # DeepSpeed every micro-batch's forward and backward is a collective
+        raise UsageError(f"--max-batch-tokens is not supported with --distributed {opts.distributed} "
+                         "(it runs under ddp)")
     if opts.distributed == "deepspeed":
-        if opts.max_batch_tokens is not None:
-            raise UsageError("--max-batch-tokens is not supported with --distributed deepspeed")
-        if preset.train.batch_size % world:
-            raise UsageError(f"--distributed deepspeed needs the batch size ({preset.train.batch_size}) to be a "
-                             f"multiple of the {world} processes")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UsageError("--distributed deepspeed needs DeepSpeed: pip install 'mage-kernels[deepspeed]'")
         try:
             read_deepspeed_config(opts.deepspeed_config)
         except ValueError as exc:
@@ -578,9 +585,17 @@ def _run(opts: RunOptions, preset: Preset, out: Path, work: Optional[Workload], 
         # every rank gathers (a collective under FSDP2 / ZeRO-3), rank 0 writes
         payload = {"stages_done": j + 1, "stages": stages, "adapters": method.adapter_state(),
                    "method_state": method.state_dict(), "elapsed_seconds": elapsed(), "processes": processes}
+        failed: Optional[BaseException] = None
         if distributed.is_main():
-            with _DeferInterrupt():
-                checkpoint.save(out, payload, config)
+            try:
+                with _DeferInterrupt():
+                    checkpoint.save(out, payload, config)
+            except Exception as exc:  # the other ranks must not go on into the next stage's collectives
+                failed = exc
+        if not distributed.all_true(failed is None):
+            if failed is not None:
+                raise failed
+            raise RuntimeError("rank 0 could not write the checkpoint (its error is above); stopping")
         _STATUS.update(done=j + 1)
         if (opts.max_stages is not None and not method.joint and len(stages) >= opts.max_stages
                 and len(stages) < len(work.names)):

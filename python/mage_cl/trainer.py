@@ -328,10 +328,12 @@ def train_task(model: nn.Module, method: Method, examples: Sequence[Example], cf
             if not peak:
                 peak = training_bytes(model, steps.optimizer_state(), method, fisher)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    except BaseException:
+        steps.close()  # on success the engine closes it after the task's evaluation (Engine.finish)
+        raise
     finally:
         if fisher is not None:
             fisher.remove()
-        steps.close()
     seconds = time.perf_counter() - t0
     tok = torch.tensor([float(tokens)], dtype=torch.float64)
     distributed.all_reduce_sum(tok)
@@ -360,11 +362,12 @@ def training_bytes(model: nn.Module, opt_state, method: Method, fisher) -> int:
 
 
 def _held_bytes(t: torch.Tensor) -> int:
-    """Bytes of ``t`` on this rank: a DTensor's local shard, a ZeRO-3 parameter's partition."""
+    """Bytes of ``t`` on this rank: a DTensor's local shard; a ZeRO-3 parameter's partition plus, while
+    it is gathered (a parameter under ``stage3_param_persistence_threshold`` always is), its whole data."""
     if hasattr(t, "to_local"):
         t = t.to_local()
     elif hasattr(t, "ds_tensor"):
-        t = t.ds_tensor
+        return t.ds_tensor.numel() * t.ds_tensor.element_size() + t.data.numel() * t.data.element_size()
     return t.numel() * t.element_size()
 
 
