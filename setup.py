@@ -107,7 +107,7 @@ setup(
     ],
     extras_require={
         # everything the test suite imports: it must not skip in CI (tests/run.sh installs this extra)
-        "test": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.21", "diffusers>=0.42", "bitsandbytes>=0.50",
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "pytest-benchmark>=4", "peft>=0.21", "diffusers>=0.42", "bitsandbytes>=0.50",
                  "accelerate>=1.1", "deepspeed>=0.19"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.21", "opacus>=1.4", "backpack-for-pytorch>=1.6"],
         "peft": ["peft>=0.21"],                 # mage_kernels.integrations.peft

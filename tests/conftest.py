@@ -73,9 +73,27 @@ def _narrow_gpu_autotune():
     kernel.configs = configs
 
 
+#: Test modules that start several processes (torchrun, mp.spawn). Under pytest-xdist
+#: (``tests/run.sh``: ``-n 2 --dist loadgroup``) they share one worker and so run one after
+#: the other: two ``torchrun --standalone`` launchers at once can pick the same free port, and
+#: each launch already keeps two cores busy. Every other module is its own group (its
+#: module-scoped fixtures are built once).
+MULTIPROCESS_MODULES = frozenset({"test_distributed", "test_engines", "test_fisher", "test_scale",
+                                  "test_scale_readme", "test_trainer_callback"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+        group = "multiprocess" if module in MULTIPROCESS_MODULES else module
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_configure(config) -> None:
     """With ``MAGE_REQUIRE_CUDA_TESTS=1`` (bench/gpu_check.sh) refuse to run unless the Triton tests
     use CUDA tensors and compiled kernels: a GPU check must not silently test on the CPU."""
+    config.addinivalue_line("markers", "xdist_group(name): tests pytest-xdist runs on one worker")
     if os.environ.get("MAGE_REQUIRE_CUDA_TESTS", "0") not in ("", "0") and triton_device().type != "cuda":
         raise pytest.UsageError(
             "MAGE_REQUIRE_CUDA_TESTS=1 but the Triton tests would run on CPU tensors: "
