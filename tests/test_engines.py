@@ -7,7 +7,8 @@ DDP run's adapters (float tolerance: the engines reduce in another order) and it
 and error-type matrices exactly. DDP is the reference rather than one process because the
 preset's adapter dropout draws its masks per rank: with 2 ranks every engine sees the same
 masks, one process on the whole batch other ones (``tests/test_scale.py`` compares every
-engine with one process, dropout off).
+engine with one process, dropout off). The seven other methods the sharded engines run go
+through one ``compare`` under ZeRO-3 with every parameter partitioned, against DDP.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ def launch(tmp_path_factory):
     cli = cache / "mage_cl_without_shm.py"
     cli.write_text(_NO_SHM)
 
-    def go(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    def go(out: Path, *extra: str, cmd: str = "run", methods: str = "mage") -> subprocess.CompletedProcess:
+        args = [cmd, "--methods" if cmd == "compare" else "--method", methods, *RUN[3:]]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(cli), *RUN, "--out", str(out), *extra]
+               str(cli), *args, "--out", str(out), *extra]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         return proc
@@ -67,6 +69,21 @@ def runs(launch, tmp_path_factory):
         out[name] = launch(root / name, *extra, "--resume")
     out["zero2"] = launch(root / "zero2", "--distributed", "deepspeed")  # the default config: stage 2
     return root, out
+
+
+OTHERS = ("zero-shot", "lora", "multitask", "ew", "ew-ga", "mage-dema", "cia")  # engines.SHARDED_METHODS but MAGE
+
+
+@pytest.fixture(scope="module")
+def others(launch, tmp_path_factory):
+    """``compare`` of every other method the sharded engines run, under DDP and under ZeRO-3 (every
+    parameter partitioned): one launch each."""
+    root = tmp_path_factory.mktemp("others")
+    z3 = root / "z3.json"
+    z3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    for name, extra in (("ddp", []), ("zero3", ["--distributed", "deepspeed", "--deepspeed-config", str(z3)])):
+        launch(root / name, *extra, cmd="compare", methods=",".join(OTHERS))
+    return root
 
 
 def _load(root: Path, name: str):
@@ -102,6 +119,20 @@ def test_sharded_engines_keep_half_of_pema_state_per_rank(runs, engine):
     _, res = _load(root, engine)
     assert res["method_state_bytes"] * 2 == ref["method_state_bytes"]
     assert res["peak_bytes"] < ref["peak_bytes"]  # the rank's shards of adapters, gradients, AdamW state
+
+
+@pytest.mark.parametrize("method", OTHERS)
+def test_every_other_sharded_method_ends_where_ddp_ends_under_zero3(others, method):
+    ref, ref_res = _load(others / "ddp", method)
+    got, res = _load(others / "zero3", method)
+    assert got["adapters"].keys() == ref["adapters"].keys()
+    for k, v in ref["adapters"].items():
+        torch.testing.assert_close(got["adapters"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    if method != "zero-shot":
+        assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in ref["adapters"].items())  # it trained
+    for key in ("acc", "iuf", "hal", "oth"):
+        assert res[key] == ref_res[key], key
+    assert res["engine"] == "deepspeed" and res["method_state_bytes"] * 2 == ref_res["method_state_bytes"]
 
 
 def test_resume_says_where_it_resumes(runs):
