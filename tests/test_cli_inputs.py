@@ -158,22 +158,27 @@ def test_help_lists_methods_orders_presets_backends_with_defaults(capsys):
     assert "ALGORITHM.md" in text
 
 
-def _sigint_ignored() -> bool:
-    """Whether this process ignores SIGINT at the OS level (a child would inherit that)."""
+def _sigint_ignored() -> str:
+    """Whether this process ignores or blocks SIGINT at the OS level (a child inherits both)."""
     with open("/proc/self/status") as f:
-        mask = next(ln for ln in f if ln.startswith("SigIgn:")).split()[1]
-    return bool(int(mask, 16) & (1 << (signal.SIGINT - 1)))
+        masks = {ln.split(":")[0]: int(ln.split()[1], 16) for ln in f if ln.startswith(("SigIgn:", "SigBlk:"))}
+    return ", ".join(f"{k} {bool(v & (1 << (signal.SIGINT - 1)))}" for k, v in masks.items())
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _child(args, cwd, cache):
     env = dict(os.environ, MAGE_CL_CACHE=str(cache), PYTHONPATH=os.pathsep.join(
         [str(REPO), str(REPO / "python"), os.environ.get("PYTHONPATH", "")]))
-    # a terminal's Ctrl-C: the child starts with SIGINT's default action even where the test
-    # runner's process ignores SIGINT (an ignored signal is inherited across exec; seen in full
-    # suite runs, where every SIGINT sent to the child was lost)
+    # as from a terminal: the child starts with SIGINT's default action and unblocked even where
+    # the test runner's process ignores or blocks SIGINT (both are inherited across exec; in full
+    # suite runs every SIGINT sent to the child was lost)
     return subprocess.Popen([sys.executable, "-m", "mage_cl.cli"] + args, cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_default_sigint)
 
 
 def test_ctrl_c_keeps_the_checkpoint_and_resume_reaches_the_same_results(tmp_path):
@@ -194,7 +199,7 @@ def test_ctrl_c_keeps_the_checkpoint_and_resume_reaches_the_same_results(tmp_pat
     assert child.poll() is None, "the run ended before it could be interrupted"
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=120)
-    assert child.returncode == 130, f"SIGINT ignored by this test process: {_sigint_ignored()}; {err}"
+    assert child.returncode == 130, f"SIGINT in this test process: {_sigint_ignored()}; {err}"
     lines = [ln for ln in err.strip().splitlines() if ln]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("mage-cl: interrupted during stage ") and " of 6 (" in lines[0]
