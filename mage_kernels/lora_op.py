@@ -205,10 +205,10 @@ class _Torch:
         return dy @ w
 
     @staticmethod
-    def add_lora_input_grad_(out, sg, a, p, seed):
+    def add_lora_input_grad_(out, sg, a, p, seed, keep=None):
         part = sg @ a
         if p:
-            part = reference.dropout(part, p, seed)
+            part = reference.dropout(part, p, seed, keep)
         return out.add_(part)
 
     @staticmethod
@@ -219,6 +219,16 @@ class _Torch:
     def weight_grad(g, x, n, fisher, tw, fs, p, seed):
         xl = reference.dropout(x, p, seed) if p else x
         return reference.weight_grad_with_fisher(g, xl, n, 1.0, fisher, tw, fs)
+
+    @staticmethod
+    def backward_mask(m, k, p, seed):
+        """The keep-mask, drawn ONCE per backward and shared by the input and weight gradients.
+
+        Drawing it is most of a small layer's cost on a CPU (``torch.rand`` is about 3 ns per
+        element, the GEMMs of a rank-32 adapter far less); the kernels of the other paths
+        regenerate it in registers instead.
+        """
+        return reference.dropout_keep_mask(m, k, p, seed)
 
 
 class _Cublas:
@@ -366,6 +376,11 @@ def _lora_linear_backward_op(
     p, seed = dropout_p, dropout_seed
     runs = contiguous_runs(trainable_rows)
     need_g = need_input_grad or bool(runs)
+    keep, x_w, p_w = None, x_lora, p  # the weight gradients read drop(x_lora) (p_w: still to drop)
+    if p and impl is _Torch and grad_y.shape[0] and (need_input_grad or runs):
+        keep = impl.backward_mask(grad_y.shape[0], lora_a.shape[1], p, seed)
+        if runs:
+            x_w, p_w = reference.dropout(x_lora, p, seed, keep), 0.0
     sg = impl.shrink(grad_y, lora_b.t(), scaling, 0.0, None) if need_g else None  # s G = s dY B, [M, R]
     dx, dx_lora = _empty(grad_y), _empty(grad_y)
     if need_input_grad:
@@ -377,19 +392,20 @@ def _lora_linear_backward_op(
             dx = fused
         else:
             base = impl.base_input_grad(grad_y, weight) if weight is not None else grad_y.new_zeros(m, k)
+            mask = {} if keep is None else {"keep": keep}
             if separate_lora_input:
                 dx = base
-                dx_lora = impl.add_lora_input_grad_(grad_y.new_zeros(m, k), sg, lora_a, p, seed)
+                dx_lora = impl.add_lora_input_grad_(grad_y.new_zeros(m, k), sg, lora_a, p, seed, **mask)
             else:
-                dx = impl.add_lora_input_grad_(base, sg, lora_a, p, seed)
+                dx = impl.add_lora_input_grad_(base, sg, lora_a, p, seed, **mask)
     d_a = torch.zeros_like(lora_a)
     d_b = torch.zeros_like(lora_b)
     # An empty batch has zero gradients and adds nothing to the Fisher (and has no samples to split).
     for start, stop in runs if grad_y.shape[0] else []:
         # dA[run] = (s G[:, run])^T drop(x)
         d_a[start:stop] = impl.weight_grad(
-            sg[:, start:stop], x_lora, num_samples,
-            None if fisher_a is None else fisher_a[start:stop], token_weight, fisher_scale, p, seed,
+            sg[:, start:stop], x_w, num_samples,
+            None if fisher_a is None else fisher_a[start:stop], token_weight, fisher_scale, p_w, seed,
         )
         # dB[:, run] = dY^T (s u)[:, run]: the same primitive with the roles of g and x swapped.
         d_b[:, start:stop] = impl.weight_grad(
