@@ -50,7 +50,7 @@ from .lora_op import LoraLinearPath, dropout_mask, lora_linear, lora_linear_path
 from . import cuda_extension  # noqa: E402  (the optional _C loader: mk.cuda_extension.schema_mismatches())
 from . import weight_grad_op  # noqa: F401  (registers torch.ops.mage.weight_grad_with_fisher; no Triton import)
 from .fisher import Fisher
-from .ema import DEMA, PEMA, pema_update_
+from .ema import DEMA, PEMA, FixedEMA, pema_update_
 from .authors_pema import AuthorsPEMA, authors_pema_update_
 from .memory import persistent_state_bytes
 from . import sharding  # noqa: E402  (mk.sharding.Sharding, full_tensor, load_full_)
@@ -62,6 +62,7 @@ __all__ = [
     "AuthorsPEMA",
     "authors_pema_update_",
     "DEMA",
+    "FixedEMA",
     "Fisher",
     "PEMA",
     "pema_update_",

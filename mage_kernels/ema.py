@@ -48,6 +48,10 @@ rounded to a bf16/fp16 parameter dtype); the one implementation is
 Persistent state: ``theta*`` AND ``g_prev``. ``g_prev`` starts as zeros at the
 task start, so the first step has ``c = |g|_1``.
 
+:class:`FixedEMA` is the same interface at one fixed rate (``theta* = decay * theta* + (1 -
+decay) * theta``, no gradient, no Fisher): the LAE baseline's stable EMA, and the rate PEMA
+falls back to.
+
 Distributed training (ALGORITHM.md §7): under DDP every rank holds the whole
 state; under FSDP2 (DTensor parameters, detected) and DeepSpeed ZeRO
 (``sharding=mage_kernels.integrations.deepspeed.ZeroSharding(engine)``) each rank
@@ -72,7 +76,7 @@ from .backends import BACKENDS, resolve_backend, use_backend
 from .inject import adapter_parameters
 from .sharding import LocalPart, Sharding, WholeTensor, all_reduce_parts
 
-__all__ = ["PEMA", "DEMA", "pema_update_"]
+__all__ = ["PEMA", "DEMA", "FixedEMA", "pema_update_"]
 
 #: Where :meth:`PEMA.update` / :meth:`DEMA.update` read the step's gradients: ``None`` (each
 #: tensor's ``.grad``), a ``{name: tensor}`` mapping, or a sequence in the tracked order.
@@ -637,3 +641,31 @@ class DEMA(_TaskEMA):
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         super().load_state_dict(state)
         self._load_parts(self.prev_grads, state["prev_grads"], "g_prev")
+
+
+class FixedEMA(_TaskEMA):
+    """A fixed-rate EMA of the trainable adapters: ``theta* <- decay * theta* + (1 - decay) * theta``.
+
+    Same interface as :class:`PEMA` (``start_task``, ``update``, ``finish_task``,
+    ``state_dict``); :meth:`update` reads neither gradients nor a Fisher. It is the LAE
+    baseline's "stable EMA" (decay 0.99) and PEMA's fallback rate applied everywhere.
+    Elementwise, so under a sharding engine each rank updates only its part (pass
+    ``sharding=`` as for PEMA; FSDP2 DTensors are detected). Persistent state: ``theta*``.
+    Its counters stay 0 (there is no formula to fall back from).
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.99, sharding: Optional[Sharding] = None) -> None:
+        decay = float(decay)
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay must be in (0, 1); got {decay}")
+        self.decay = decay
+        super().__init__(model, sharding)
+
+    def update(self, fisher: object = None, grads: Optional[GradSource] = None) -> None:
+        """One EMA step after ``optimizer.step()``, on this rank's part of every tracked tensor."""
+        thetas = [part.theta().detach() for part in self.parts]
+        with torch.no_grad():
+            torch._foreach_mul_(self.emas, self.decay)
+            torch._foreach_add_(self.emas, [t.to(e.dtype) for t, e in zip(thetas, self.emas)],
+                                alpha=1.0 - self.decay)
+        self._record(torch.zeros(2, dtype=torch.int64, device=self.emas[0].device), self.numel)

@@ -1,12 +1,12 @@
 """Launcher for the training-at-scale tests (ALGORITHM.md §7): one tiny LLaMA step loop, every engine.
 
 :func:`single_process` trains a tiny LLaMA (built from a config, MageLinear injected)
-for a few AdamW steps in this process on the whole global batch, with Fisher, PEMA
-and DEMA; :func:`distributed` runs the same loop on 2 gloo ranks on CPU (each rank on
-its half of every global batch) under every engine -- DDP, FSDP2 ``fully_shard``,
-DeepSpeed ZeRO 1, 2 and 3 -- in ONE pair of spawned processes (one process group;
-torch, transformers and deepspeed are imported once), and returns what each rank
-saw. Both are memoized, so the test files share one run.
+for a few AdamW steps in this process on the whole global batch, with Fisher, PEMA,
+DEMA and the fixed-rate EMA (LAE's); :func:`distributed` runs the same loop on 2 gloo
+ranks on CPU (each rank on its half of every global batch) under every engine -- DDP,
+FSDP2 ``fully_shard``, DeepSpeed ZeRO 1, 2 and 3 -- in ONE pair of spawned processes
+(one process group; torch, transformers and deepspeed are imported once), and returns
+what each rank saw. Both are memoized, so the test files share one run.
 
 The setting is chosen so that nothing compared is trivial: a loss gain of 1000 makes
 PEMA's beta land inside (0, 1) for part of the elements and DEMA's alpha for part of
@@ -75,7 +75,7 @@ def loss_of(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return tok.mean(1).mean() * LOSS_GAIN
 
 
-def _run(forward: Callable, backward_and_step: Callable, fisher, pema, dema, batches, rank: int,
+def _run(forward: Callable, backward_and_step: Callable, fisher, pema, dema, fixed, batches, rank: int,
          world: int) -> Dict[str, object]:
     """The step loop every engine runs; ``backward_and_step(loss)`` is the engine's own."""
     out: Dict[str, object] = {"F": [], "pema_counts": [], "alphas": [], "loss": []}
@@ -88,14 +88,17 @@ def _run(forward: Callable, backward_and_step: Callable, fisher, pema, dema, bat
         out["F"].append({k: v.clone() for k, v in fisher.values().items()})
         out["pema_counts"].append(pema.update(fisher).tolist())
         out["alphas"].append(dema.update().tolist())
+        fixed.update()
         out["loss"].append(float(loss.detach()))
     out["pema_total"] = pema.counts.tolist()
     out["dema_total"] = dema.counts.tolist()
     out["fallback_fraction"] = pema.last_fallback_fraction
     out["pema_state"] = pema.state_dict()  # whole tensors, gathered here
     out["dema_state"] = dema.state_dict()
+    out["fixed_state"] = fixed.state_dict()
     out["pema_bytes"] = pema.state_bytes()
     out["dema_bytes"] = dema.state_bytes()
+    out["fixed_bytes"] = fixed.state_bytes()
     out["numel"] = pema.numel
     out["names"] = list(pema.names)
     pema.finish_task()
@@ -144,7 +147,7 @@ def single_process() -> Dict[str, object]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
     fisher = mk.Fisher(model, loss_reduction="mean")
-    pema, dema = mk.PEMA(model), mk.DEMA(model)
+    pema, dema, fixed = mk.PEMA(model), mk.DEMA(model), mk.FixedEMA(model)
     norms = []
 
     def step(loss):
@@ -155,7 +158,7 @@ def single_process() -> Dict[str, object]:
 
     batches = global_batches()
     forward = lambda ids: model(input_ids=ids).logits  # noqa: E731
-    out = _run(forward, step, fisher, pema, dema, batches, 0, 1)
+    out = _run(forward, step, fisher, pema, dema, fixed, batches, 0, 1)
     out["grad_norm"] = norms
     _checkpoint_roundtrip(model, forward, batches[STEPS], out)
     return out
@@ -173,7 +176,7 @@ def _ddp(rank: int, world: int) -> Dict[str, object]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
     fisher = mk.Fisher(model, loss_reduction="mean")
-    pema, dema = mk.PEMA(model), mk.DEMA(model)
+    pema, dema, fixed = mk.PEMA(model), mk.DEMA(model), mk.FixedEMA(model)
 
     def step(loss):
         opt.zero_grad(set_to_none=True)
@@ -183,7 +186,7 @@ def _ddp(rank: int, world: int) -> Dict[str, object]:
 
     batches = global_batches()
     forward = lambda ids: ddp(input_ids=ids).logits  # noqa: E731
-    out = _run(forward, step, fisher, pema, dema, batches, rank, world)
+    out = _run(forward, step, fisher, pema, dema, fixed, batches, rank, world)
     opt.zero_grad(set_to_none=True)
     out["missing_grad"] = _error_of(lambda: pema.update(fisher))  # gradients already cleared
     pema.start_task()
@@ -205,7 +208,7 @@ def _fsdp(rank: int, world: int) -> Dict[str, object]:
     fully_shard(model, mesh=mesh)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
-    pema, dema = mk.PEMA(model), mk.DEMA(model)
+    pema, dema, fixed = mk.PEMA(model), mk.DEMA(model), mk.FixedEMA(model)
 
     def step(loss):
         opt.zero_grad(set_to_none=True)
@@ -215,7 +218,7 @@ def _fsdp(rank: int, world: int) -> Dict[str, object]:
 
     batches = global_batches()
     forward = lambda ids: model(input_ids=ids).logits  # noqa: E731
-    out = _run(forward, step, fisher, pema, dema, batches, rank, world)
+    out = _run(forward, step, fisher, pema, dema, fixed, batches, rank, world)
     out["sharded_params"] = all(type(p).__name__ == "DTensor" for p in params)
     opt.zero_grad(set_to_none=True)
     out["missing_grad"] = _error_of(lambda: pema.update(fisher))
@@ -248,6 +251,7 @@ def _zero(stage: int, rank: int, world: int) -> Dict[str, object]:
     sharding = ZeroSharding(engine)
     pema = mk.PEMA(engine.module, sharding=sharding)
     dema = mk.DEMA(engine.module, sharding=sharding)
+    fixed = mk.FixedEMA(engine.module, sharding=sharding)
     first = [True]
 
     def step(loss):
@@ -259,7 +263,7 @@ def _zero(stage: int, rank: int, world: int) -> Dict[str, object]:
 
     batches = global_batches()
     forward = lambda ids: engine(input_ids=ids).logits  # noqa: E731
-    out = _run(forward, step, fisher, pema, dema, batches, rank, world)
+    out = _run(forward, step, fisher, pema, dema, fixed, batches, rank, world)
     out.update(out_err)
     out["sharded_params"] = (all(hasattr(p, "ds_id") for p in params) if stage == 3
                              else all(hasattr(p, "_hp_mapping") for p in params))
@@ -308,18 +312,49 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, engines) -> Non
         dist.destroy_process_group()
 
 
-def _init_deepspeed() -> None:
+def skip_shm_build() -> None:
+    """Stop DeepSpeed's CPU accelerator from JIT-compiling its shared-memory all-reduce op.
+
+    It compiles the op the first time its communication backend starts (about a minute of
+    C++ on 2 cores); gloo does the same job for these tiny tensors, so the tests do without it.
+    (``deepspeed.comm`` re-exports the torch module under the name ``torch``: import the
+    submodule by its path.)
+    """
     import importlib
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+#: Body of a launcher script for ``torchrun``: :func:`skip_shm_build`, then ``python -m mage_cl.cli``
+#: (``module``) or the script named by its first argument (``script``). See :func:`write_launcher`.
+_LAUNCHER = """import runpy, sys
+sys.path.insert(0, {here!r})
+import scale_harness
+scale_harness.skip_shm_build()
+{run}
+"""
+
+
+def write_launcher(path, target: str = "module") -> str:
+    """Write a launcher (see :data:`_LAUNCHER`) to ``path``; returns ``path`` as a string.
+
+    ``target="module"`` runs the driver's CLI with the launcher's arguments; ``"script"`` runs
+    the python file given as the first argument with the rest.
+    """
+    run = {"module": 'runpy.run_module("mage_cl.cli", run_name="__main__", alter_sys=True)',
+           "script": 'sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name="__main__")'}[target]
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(_LAUNCHER.format(here=here, run=run))
+    return str(path)
+
+
+def _init_deepspeed() -> None:
     import logging
 
     import deepspeed
 
-    # (deepspeed.comm re-exports the torch module under the name "torch": import the submodule by its path)
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-    # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce kernel the first
-    # time its communication backend starts (about a minute on 2 cores); gloo does the same
-    # job for these tiny tensors, so the tests do without it.
-    ds_torch_comm.build_shm_op = lambda: None
+    skip_shm_build()
     deepspeed.utils.logger.setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend="gloo")
 

@@ -7,7 +7,7 @@ DDP run's adapters (float tolerance: the engines reduce in another order) and it
 and error-type matrices exactly. DDP is the reference rather than one process because the
 preset's adapter dropout draws its masks per rank: with 2 ranks every engine sees the same
 masks, one process on the whole batch other ones (``tests/test_scale.py`` compares every
-engine with one process, dropout off). The seven other methods the sharded engines run go
+engine with one process, dropout off). The eight other methods the sharded engines run go
 through one ``compare`` under ZeRO-3 with every parameter partitioned, against DDP.
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import scale_harness
 from mage_cl import engines, runner
 from mage_cl.runner import RunOptions, UsageError
 
@@ -29,49 +30,48 @@ RUN = ["run", "--method", "mage", "--preset", "smoke", "--tasks", "vqa,generatio
        "--no-progress", "--backend", "torch"]
 
 
-# DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (a minute of C++ on a fresh
-# machine) that the driver does not use: the launches skip it, as tests/test_scale_readme.py does.
-_NO_SHM = """import importlib, runpy
-importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-runpy.run_module("mage_cl.cli", run_name="__main__", alter_sys=True)
-"""
+#: ZeRO-3 with threshold 0: every parameter is partitioned and gathered by the engine's hooks in
+#: each forward, so the task's evaluation and checkpoint must run before the engine is destroyed.
+ZERO3_ALL_PARTITIONED = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 
 
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     env = {**os.environ, "MAGE_CL_CACHE": str(cache), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cli = cache / "mage_cl_without_shm.py"
-    cli.write_text(_NO_SHM)
+    cli = scale_harness.write_launcher(cache / "mage_cl_without_shm.py")  # no shm-op JIT build
 
-    def go(out: Path, *extra: str, cmd: str = "run", methods: str = "mage") -> subprocess.CompletedProcess:
-        args = [cmd, "--methods" if cmd == "compare" else "--method", methods, *RUN[3:]]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(cli), *args, "--out", str(out), *extra]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    def go(out: Path, *extra: str, command: str = "run", methods: str = "mage") -> subprocess.CompletedProcess:
+        args = [command, "--methods" if command == "compare" else "--method", methods, *RUN[3:]]
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                cli, *args, "--out", str(out), *extra]
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         return proc
 
     return go
 
 
+def _zero3_config(root: Path) -> str:
+    path = root / "z3.json"
+    path.write_text(json.dumps(ZERO3_ALL_PARTITIONED))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def runs(launch, tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
-    z3 = root / "z3.json"
-    # threshold 0: every parameter is partitioned and gathered by the engine's hooks in each forward,
-    # so the task's evaluation and checkpoint must run before the engine is destroyed
-    z3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    z3 = _zero3_config(root)
     out = {"ddp": launch(root / "ddp")}
     for name, extra in (("fsdp", ["--distributed", "fsdp"]),
-                        ("zero3", ["--distributed", "deepspeed", "--deepspeed-config", str(z3)])):
+                        ("zero3", ["--distributed", "deepspeed", "--deepspeed-config", z3])):
         launch(root / name, *extra, "--max-stages", "1")
         out[name] = launch(root / name, *extra, "--resume")
     out["zero2"] = launch(root / "zero2", "--distributed", "deepspeed")  # the default config: stage 2
     return root, out
 
 
-OTHERS = ("zero-shot", "lora", "multitask", "ew", "ew-ga", "mage-dema", "cia")  # engines.SHARDED_METHODS but MAGE
+OTHERS = ("zero-shot", "lora", "multitask", "ew", "ew-ga", "lae", "mage-dema", "cia")  # engines.SHARDED_METHODS but MAGE
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +79,9 @@ def others(launch, tmp_path_factory):
     """``compare`` of every other method the sharded engines run, under DDP and under ZeRO-3 (every
     parameter partitioned): one launch each."""
     root = tmp_path_factory.mktemp("others")
-    z3 = root / "z3.json"
-    z3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
-    for name, extra in (("ddp", []), ("zero3", ["--distributed", "deepspeed", "--deepspeed-config", str(z3)])):
-        launch(root / name, *extra, cmd="compare", methods=",".join(OTHERS))
+    z3 = _zero3_config(root)
+    for name, extra in (("ddp", []), ("zero3", ["--distributed", "deepspeed", "--deepspeed-config", z3])):
+        launch(root / name, *extra, command="compare", methods=",".join(OTHERS))
     return root
 
 

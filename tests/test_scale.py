@@ -87,7 +87,7 @@ def test_engine_matches_one_process_on_the_global_batch(runs, single, engine):
     assert r0["dema_total"] == r1["dema_total"] == single["dema_total"]
     assert r0["loss"] != r1["loss"]  # the ranks did see different halves
     # theta* and g_prev, saved whole
-    for key, tensors in (("pema_state", ["emas"]), ("dema_state", ["emas", "prev_grads"])):
+    for key, tensors in (("pema_state", ["emas"]), ("dema_state", ["emas", "prev_grads"]), ("fixed_state", ["emas"])):
         for field in tensors:
             for name, a, b, want in zip(single["names"], r0[key][field], r1[key][field], single[key][field]):
                 assert torch.equal(a, b), (key, field, name)
@@ -103,12 +103,12 @@ def test_engine_matches_one_process_on_the_global_batch(runs, single, engine):
 @pytest.mark.parametrize("engine", h.ENGINES)
 def test_each_rank_keeps_only_its_part_of_the_ema_state(runs, single, engine):
     r0, r1 = _ranks(runs, engine)
-    for key in ("pema_bytes", "dema_bytes"):
+    for key in ("pema_bytes", "dema_bytes", "fixed_bytes"):
         if engine in SHARDED:  # the parts are disjoint and cover the tensors
             assert r0[key] + r1[key] == single[key] and max(r0[key], r1[key]) < single[key]
         else:  # DDP: every rank holds the whole state
             assert r0[key] == r1[key] == single[key]
-    assert single["dema_bytes"] == 2 * single["pema_bytes"]
+    assert single["dema_bytes"] == 2 * single["pema_bytes"] == 2 * single["fixed_bytes"]
 
 
 @pytest.mark.parametrize("engine", h.ENGINES)

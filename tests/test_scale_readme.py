@@ -2,7 +2,7 @@
 
 Each script is taken from its README code block, written to a temporary directory
 and launched with the README's command (``torchrun`` is ``python -m
-torch.distributed.run``). The DeepSpeed one goes through a two-line launcher that
+torch.distributed.run``). The DeepSpeed one goes through a launcher (``scale_harness.write_launcher``) that
 turns off the shared-memory all-reduce kernel DeepSpeed would otherwise JIT-compile
 on its first start (about a minute on 2 cores; gloo does the same job), then runs the
 script unchanged. The whole adapters each script saves must load (strictly) into a
@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import mage_kernels as mk
+import scale_harness
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -31,10 +32,6 @@ COMMANDS = {
 }
 OUTPUT = {"train_ddp.py": "adapters.pt", "train_fsdp.py": "fsdp_checkpoint.pt", "train_deepspeed.py": "adapters.pt"}
 
-_NO_SHM = """import importlib, runpy, sys
-importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-runpy.run_path(sys.argv[1], run_name="__main__")
-"""
 
 
 def _readme_scripts():
@@ -70,9 +67,8 @@ def test_readme_script_runs_as_written(tmp_path, script):
         env[key] = value
     args = rest.split()
     if script == "train_deepspeed.py":
-        launcher = tmp_path / "no_shm_launch.py"
-        launcher.write_text(_NO_SHM, encoding="utf-8")
-        args = args[:-1] + [str(launcher), script]
+        launcher = scale_harness.write_launcher(tmp_path / "no_shm_launch.py", target="script")
+        args = args[:-1] + [launcher, script]
     cmd = [sys.executable, "-m", "torch.distributed.run"] + args
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

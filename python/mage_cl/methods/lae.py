@@ -11,11 +11,9 @@ is not used (the paper's description does not mention it). One rank-32 LoRA.
 
 from __future__ import annotations
 
-from typing import Dict
+import mage_kernels as mk
 
-import torch
-
-from .base import Method, tensor_bytes
+from .base import Method
 
 __all__ = ["LAE"]
 
@@ -29,22 +27,28 @@ class LAE(Method):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"LAE decay must be in (0, 1); got {decay}")
         self.decay = decay
-        self.ema: Dict[str, torch.Tensor] = {}
+        self.ema = None  # mk.FixedEMA: elementwise, so shard-local under FSDP2 and DeepSpeed
+        self._engine_sharding = False  # whether the last task's engine gave the EMA its sharding (DeepSpeed)
+
+    def setup(self, model, prepare=None) -> None:
+        super().setup(model, prepare)
+        self.ema = mk.FixedEMA(model, decay=self.decay)
 
     def before_task(self, task, task_index: int) -> None:
         super().before_task(task, task_index)
-        self.ema = {n: p.detach().clone() for n, p in self.named_trainable()}
+        if not self._engine_sharding:  # else bind_steps starts it, on the task's new engine
+            self.ema.start_task()
 
-    @torch.no_grad()
+    def bind_steps(self, steps) -> None:
+        self._engine_sharding = steps.sharding is not None
+        if self._engine_sharding:  # DeepSpeed: this task's engine holds the partitions
+            self.ema.start_task(sharding=steps.sharding)
+
     def after_step(self, fisher) -> None:
-        for n, p in self.named_trainable():
-            self.ema[n].mul_(self.decay).add_(p.detach(), alpha=1.0 - self.decay)
+        self.ema.update()
 
-    @torch.no_grad()
     def after_task(self, task, train_batches) -> None:
-        for n, p in self.named_trainable():
-            p.copy_(self.ema[n])
-        self.ema = {}
+        self.ema.finish_task()
 
     def state_bytes(self) -> int:
-        return tensor_bytes(self.ema.values())
+        return int(mk.persistent_state_bytes(self.ema))
