@@ -7,7 +7,7 @@ DDP run's adapters (float tolerance: the engines reduce in another order) and it
 and error-type matrices exactly. DDP is the reference rather than one process because the
 preset's adapter dropout draws its masks per rank: with 2 ranks every engine sees the same
 masks, one process on the whole batch other ones (``tests/test_scale.py`` compares every
-engine with one process, dropout off). The eight other methods the sharded engines run go
+engine with one process, dropout off). The nine other methods the sharded engines run go
 through one ``compare`` under ZeRO-3 with every parameter partitioned, against DDP.
 """
 
@@ -71,7 +71,7 @@ def runs(launch, tmp_path_factory):
     return root, out
 
 
-OTHERS = ("zero-shot", "lora", "multitask", "ew", "ew-ga", "lae", "mage-dema", "cia")  # engines.SHARDED_METHODS but MAGE
+OTHERS = ("zero-shot", "lora", "moelora", "multitask", "ew", "ew-ga", "lae", "mage-dema", "cia")  # engines.SHARDED_METHODS but MAGE
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_resume_says_where_it_resumes(runs):
 @pytest.mark.parametrize("opts, words", [
     (dict(distributed="zero"), ["unknown engine 'zero'", "fsdp", "deepspeed"]),
     (dict(distributed="fsdp", method="pgp"), ["pgp needs whole tensors", "--distributed ddp"]),
-    (dict(distributed="deepspeed", method="moelora"), ["moelora"]),
+    (dict(distributed="deepspeed", method="ewc"), ["ewc needs whole tensors"]),
     (dict(distributed="deepspeed", max_batch_tokens=64), ["--max-batch-tokens"]),
     (dict(distributed="fsdp", max_batch_tokens=64), ["--max-batch-tokens", "runs under ddp"]),
     (dict(deepspeed_config="x.json"), ["--deepspeed-config goes with --distributed deepspeed"]),

@@ -23,8 +23,8 @@ The engines, and what each does with the library (ALGORITHM.md section 7):
 
 Under ``fsdp`` and ZeRO-3 every forward is a collective, so evaluation runs in lock-step
 (:attr:`Engine.lockstep`). Methods whose updates need whole tensors or whole gradients on
-every rank (EWC's and PGP's consolidation passes, RegLoRA's and the authors' dense PEMA,
-MoELoRA's router) are refused under ``fsdp`` and ``deepspeed`` (:data:`SHARDED_METHODS`).
+every rank (EWC's and PGP's consolidation passes, RegLoRA's and the authors' dense PEMA)
+are refused under ``fsdp`` and ``deepspeed`` (:data:`SHARDED_METHODS`).
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ ENGINES: Dict[str, str] = {
 }
 
 #: Methods that run under ``fsdp`` and ``deepspeed``: their state is the library's (PEMA, DEMA,
-#: LAE's FixedEMA) or none, so every update is shard-local or all-reduced (ALGORITHM.md section 7).
-SHARDED_METHODS = ("zero-shot", "lora", "multitask", "ew", "ew-ga", "lae", "mage", "mage-dema", "cia")
+#: LAE's FixedEMA) or none (MoELoRA's routers are trained parameters like the adapters), so every
+#: update is shard-local or all-reduced (ALGORITHM.md section 7).
+SHARDED_METHODS = ("zero-shot", "lora", "moelora", "multitask", "ew", "ew-ga", "lae", "mage", "mage-dema", "cia")
 
 #: Keys of a ``--deepspeed-config`` that the driver sets itself from the preset.
 _DRIVER_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",

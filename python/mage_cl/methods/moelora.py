@@ -65,10 +65,10 @@ class MoELoRA(Method):
     num_adapters = 4
 
     def setup(self, model: nn.Module, prepare=None) -> None:
-        if prepare is not None:
-            raise ValueError("MoELoRA's routers are added after the adapters: it cannot run on a sharded model")
-        super().setup(model)
+        super().setup(model)  # the adapters; the engine's prepare (FSDP2's sharding) runs after the routers
         for name, layer in list(mk.mage_layers(model)):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, MoELoRALinear.from_mage(layer))
+        if prepare is not None:
+            prepare(model)
