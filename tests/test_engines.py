@@ -7,8 +7,9 @@ DDP run's adapters (float tolerance: the engines reduce in another order) and it
 and error-type matrices exactly. DDP is the reference rather than one process because the
 preset's adapter dropout draws its masks per rank: with 2 ranks every engine sees the same
 masks, one process on the whole batch other ones (``tests/test_scale.py`` compares every
-engine with one process, dropout off). The nine other methods the sharded engines run go
-through one ``compare`` under ZeRO-3 with every parameter partitioned, against DDP.
+engine with one process, dropout off). Under DDP and ZeRO-3 (every parameter partitioned)
+MAGE runs in one ``compare`` with the nine other methods the sharded engines run, so the
+ZeRO-3 resume covers every one of them.
 """
 
 from __future__ import annotations
@@ -58,31 +59,29 @@ def _zero3_config(root: Path) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def runs(launch, tmp_path_factory):
-    root = tmp_path_factory.mktemp("engines")
-    z3 = _zero3_config(root)
-    out = {"ddp": launch(root / "ddp")}
-    for name, extra in (("fsdp", ["--distributed", "fsdp"]),
-                        ("zero3", ["--distributed", "deepspeed", "--deepspeed-config", z3])):
-        launch(root / name, *extra, "--max-stages", "1")
-        out[name] = launch(root / name, *extra, "--resume")
-    out["zero2"] = launch(root / "zero2", "--distributed", "deepspeed")  # the default config: stage 2
-    return root, out
-
-
 OTHERS = ("zero-shot", "lora", "moelora", "multitask", "ew", "ew-ga", "lae", "mage-dema", "cia")  # engines.SHARDED_METHODS but MAGE
 
 
 @pytest.fixture(scope="module")
-def others(launch, tmp_path_factory):
-    """``compare`` of every other method the sharded engines run, under DDP and under ZeRO-3 (every
-    parameter partitioned): one launch each."""
-    root = tmp_path_factory.mktemp("others")
+def runs(launch, tmp_path_factory):
+    """Six launches: DDP and ZeRO-3 (every parameter partitioned, interrupted after the first task
+    and resumed) each run one ``compare`` of MAGE and every other sharded method; FSDP2
+    (interrupted and resumed) and ZeRO-2 (straight through) run MAGE."""
+    root = tmp_path_factory.mktemp("engines")
     z3 = _zero3_config(root)
-    for name, extra in (("ddp", []), ("zero3", ["--distributed", "deepspeed", "--deepspeed-config", z3])):
-        launch(root / name, *extra, command="compare", methods=",".join(OTHERS))
-    return root
+    every = ",".join(("mage",) + OTHERS)
+    out = {"ddp": launch(root / "ddp", command="compare", methods=every)}
+    zero3 = ["--distributed", "deepspeed", "--deepspeed-config", z3]
+    launch(root / "zero3", *zero3, "--max-stages", "1", command="compare", methods=every)
+    out["zero3"] = launch(root / "zero3", *zero3, "--resume", command="compare", methods=every)
+    launch(root / "fsdp", "--distributed", "fsdp", "--max-stages", "1")
+    out["fsdp"] = launch(root / "fsdp", "--distributed", "fsdp", "--resume")
+    out["zero2"] = launch(root / "zero2", "--distributed", "deepspeed")  # the default config: stage 2
+    return root, out
+
+
+#: Where each engine's MAGE run is under the fixture's root (the ``compare`` runs hold one folder per method).
+MAGE_RUN = {"ddp": "ddp/mage", "zero3": "zero3/mage", "fsdp": "fsdp", "zero2": "zero2"}
 
 
 def _load(root: Path, name: str):
@@ -93,8 +92,8 @@ def _load(root: Path, name: str):
 @pytest.mark.parametrize("engine", ["fsdp", "zero3", "zero2"])
 def test_engine_ends_where_ddp_ends(runs, engine):
     root, procs = runs
-    ref, ref_res = _load(root, "ddp")
-    got, res = _load(root, engine)
+    ref, ref_res = _load(root, MAGE_RUN["ddp"])
+    got, res = _load(root, MAGE_RUN[engine])
     assert got["stages_done"] == ref["stages_done"] == 2
     assert got["adapters"].keys() == ref["adapters"].keys()
     moved = 0
@@ -114,16 +113,17 @@ def test_engine_ends_where_ddp_ends(runs, engine):
 @pytest.mark.parametrize("engine", ["fsdp", "zero3"])
 def test_sharded_engines_keep_half_of_pema_state_per_rank(runs, engine):
     root, _ = runs
-    _, ref = _load(root, "ddp")
-    _, res = _load(root, engine)
+    _, ref = _load(root, MAGE_RUN["ddp"])
+    _, res = _load(root, MAGE_RUN[engine])
     assert res["method_state_bytes"] * 2 == ref["method_state_bytes"]
     assert res["peak_bytes"] < ref["peak_bytes"]  # the rank's shards of adapters, gradients, AdamW state
 
 
 @pytest.mark.parametrize("method", OTHERS)
-def test_every_other_sharded_method_ends_where_ddp_ends_under_zero3(others, method):
-    ref, ref_res = _load(others / "ddp", method)
-    got, res = _load(others / "zero3", method)
+def test_every_other_sharded_method_ends_where_ddp_ends_under_zero3(runs, method):
+    root, _ = runs
+    ref, ref_res = _load(root / "ddp", method)
+    got, res = _load(root / "zero3", method)
     assert got["adapters"].keys() == ref["adapters"].keys()
     for k, v in ref["adapters"].items():
         torch.testing.assert_close(got["adapters"][k], v, rtol=1e-4, atol=1e-5, msg=k)
