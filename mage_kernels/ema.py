@@ -173,7 +173,7 @@ def pema_update_(
 
 
 class _TaskEMA:
-    """What PEMA and DEMA share: the theta* snapshot, finish_task, counters, state.
+    """What PEMA, DEMA and FixedEMA share: the theta* snapshot, finish_task, counters, state.
 
     Under a sharding engine (ALGORITHM.md §7) every per-element tensor here is this
     rank's part only (:attr:`parts`): ``theta*`` of the elements the rank owns, updated
@@ -661,11 +661,20 @@ class FixedEMA(_TaskEMA):
         self.decay = decay
         super().__init__(model, sharding)
 
+    def start_task(self, sharding: Optional[Sharding] = None) -> None:
+        super().start_task(sharding)
+        self._no_counts = torch.zeros(2, dtype=torch.int64, device=self.emas[0].device)
+
     def update(self, fisher: object = None, grads: Optional[GradSource] = None) -> None:
-        """One EMA step after ``optimizer.step()``, on this rank's part of every tracked tensor."""
+        """One EMA step after ``optimizer.step()``, on this rank's part of every tracked tensor.
+
+        ``fisher`` and ``grads`` are accepted for PEMA's call signature and not read. The EMA is
+        kept in the adapters' dtype (float32 in the driver; with bf16 adapters a decay of 0.99
+        rounds each step's change away, as a bf16 EMA buffer does anywhere).
+        """
         thetas = [part.theta().detach() for part in self.parts]
         with torch.no_grad():
             torch._foreach_mul_(self.emas, self.decay)
             torch._foreach_add_(self.emas, [t.to(e.dtype) for t, e in zip(thetas, self.emas)],
                                 alpha=1.0 - self.decay)
-        self._record(torch.zeros(2, dtype=torch.int64, device=self.emas[0].device), self.numel)
+        self._record(self._no_counts, self.numel)

@@ -376,11 +376,9 @@ def _lora_linear_backward_op(
     p, seed = dropout_p, dropout_seed
     runs = contiguous_runs(trainable_rows)
     need_g = need_input_grad or bool(runs)
-    keep, x_w, p_w = None, x_lora, p  # the weight gradients read drop(x_lora) (p_w: still to drop)
+    keep = None  # the torch backend's mask, drawn once for the input and weight gradients
     if p and impl is _Torch and grad_y.shape[0] and (need_input_grad or runs):
         keep = impl.backward_mask(grad_y.shape[0], lora_a.shape[1], p, seed)
-        if runs:
-            x_w, p_w = reference.dropout(x_lora, p, seed, keep), 0.0
     sg = impl.shrink(grad_y, lora_b.t(), scaling, 0.0, None) if need_g else None  # s G = s dY B, [M, R]
     dx, dx_lora = _empty(grad_y), _empty(grad_y)
     if need_input_grad:
@@ -398,6 +396,10 @@ def _lora_linear_backward_op(
                 dx_lora = impl.add_lora_input_grad_(grad_y.new_zeros(m, k), sg, lora_a, p, seed, **mask)
             else:
                 dx = impl.add_lora_input_grad_(base, sg, lora_a, p, seed, **mask)
+    x_w, p_w = x_lora, p  # what the weight gradients read, and the dropout still to apply to it
+    if keep is not None and runs:
+        x_w, p_w = reference.dropout(x_lora, p, seed, keep), 0.0  # made after dx: a lower peak
+    keep = None
     d_a = torch.zeros_like(lora_a)
     d_b = torch.zeros_like(lora_b)
     # An empty batch has zero gradients and adds nothing to the Fisher (and has no samples to split).

@@ -2,7 +2,7 @@
 
 :func:`persistent_state_bytes` answers "how many bytes does this method keep
 alive between steps?" for :class:`~mage_kernels.PEMA` (``theta*``: one copy per
-trained tensor), :class:`~mage_kernels.DEMA` (``theta*`` and ``g_prev``: two
+trained tensor; :class:`~mage_kernels.FixedEMA` the same), :class:`~mage_kernels.DEMA` (``theta*`` and ``g_prev``: two
 copies), :class:`~mage_kernels.Fisher` (its sum buffers), any ``nn.Module``
 (its buffers, plus the Fisher buffers attached to its :class:`MageLinear`
 layers), a tensor, or a list / dict of these. It does not compute a formula:
@@ -40,7 +40,7 @@ def held_tensors(obj: object) -> List[torch.Tensor]:
     if isinstance(obj, (list, tuple, set)):
         return [t for v in obj for t in held_tensors(v)]
     raise TypeError(
-        f"persistent_state_bytes does not know what a {type(obj).__name__} holds; pass a PEMA, DEMA, Fisher, "
+        f"persistent_state_bytes does not know what a {type(obj).__name__} holds; pass a PEMA, DEMA, FixedEMA, Fisher, "
         "nn.Module, tensor, or a list/dict of them"
     )
 

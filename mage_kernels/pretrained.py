@@ -11,8 +11,8 @@ A directory written by :func:`save_pretrained` holds
 * ``adapter_model.safetensors`` -- every adapter tensor, frozen ones included, named
   as in :func:`mage_kernels.adapter_state_dict` (``<layer>.lora_A.<k>``, ``<layer>.lora_B.<k>``);
 * optionally ``method_state.safetensors`` -- what a method needs to continue
-  learning: a :class:`mage_kernels.PEMA` (theta*) or :class:`mage_kernels.DEMA`
-  (theta* and g_prev), or any ``{name: tensor}`` mapping (e.g. EWC importances,
+  learning: a :class:`mage_kernels.PEMA` or :class:`mage_kernels.FixedEMA` (theta*),
+  a :class:`mage_kernels.DEMA` (theta* and g_prev), or any ``{name: tensor}`` mapping (e.g. EWC importances,
   ``fisher.values()``); read it back with :func:`load_method_state`.
 
 :func:`from_pretrained` is all or nothing: it reads and checks every file (JSON,
@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .ema import DEMA, PEMA
+from .ema import DEMA, PEMA, FixedEMA
 from .inject import (
     _RECORD,
     _is_linear,
@@ -65,7 +65,7 @@ _FORMAT = "mage-kernels"
 _FORMAT_VERSION = 1
 
 #: What :func:`save_pretrained` accepts as ``method_state``.
-MethodState = Union[PEMA, DEMA, Mapping[str, torch.Tensor]]
+MethodState = Union[PEMA, DEMA, FixedEMA, Mapping[str, torch.Tensor]]
 
 
 def _version() -> str:
@@ -125,7 +125,7 @@ def _layer_config(model: nn.Module) -> Tuple[List[str], Dict[str, Any]]:
 
 def _method_tensors(state: MethodState) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Flatten a method state into safetensors tensors plus JSON-able metadata."""
-    if isinstance(state, (PEMA, DEMA)):
+    if isinstance(state, (PEMA, DEMA, FixedEMA)):
         sd = state.state_dict()
         kind = type(state).__name__
         tensors = {f"theta_star.{n}": e for n, e in zip(sd["names"], sd["emas"])}
@@ -134,16 +134,18 @@ def _method_tensors(state: MethodState) -> Tuple[Dict[str, torch.Tensor], Dict[s
         meta: Dict[str, Any] = {"kind": kind, "names": list(sd["names"]), "steps": int(sd["steps"])}
         if kind == "PEMA":
             meta.update(lam=state.lam, beta_fallback=state.beta_fallback)
-        else:
+        elif kind == "DEMA":
             meta.update(alpha_fallback=state.alpha_fallback)
+        else:
+            meta.update(decay=state.decay)
         return tensors, meta
     if isinstance(state, Mapping):
         bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
         if bad or not state:
-            raise TypeError("method_state must be a PEMA, a DEMA or a non-empty mapping str -> tensor"
+            raise TypeError("method_state must be a PEMA, a DEMA, a FixedEMA or a non-empty mapping str -> tensor"
                             + (f"; bad entries: {bad[:5]}" if bad else ""))
         return dict(state), {"kind": "tensors", "names": list(state)}
-    raise TypeError(f"method_state must be a PEMA, a DEMA or a mapping str -> tensor; got {type(state).__name__}")
+    raise TypeError(f"method_state must be a PEMA, a DEMA, a FixedEMA or a mapping str -> tensor; got {type(state).__name__}")
 
 
 def save_pretrained(model: nn.Module, path: Union[str, os.PathLike], method_state: Optional[MethodState] = None) -> None:
@@ -152,8 +154,8 @@ def save_pretrained(model: nn.Module, path: Union[str, os.PathLike], method_stat
     Creates ``path`` if needed and replaces the files this library writes there
     (``adapter_config.json``, ``adapter_model.safetensors``, and
     ``method_state.safetensors`` when ``method_state`` is given -- a stale one is
-    removed otherwise). ``method_state``: a :class:`mage_kernels.PEMA` or
-    :class:`mage_kernels.DEMA` (its theta*, and g_prev), or a ``{name: tensor}``
+    removed otherwise). ``method_state``: a :class:`mage_kernels.PEMA`, a
+    :class:`mage_kernels.FixedEMA` or a :class:`mage_kernels.DEMA` (its theta*, and g_prev), or a ``{name: tensor}``
     mapping such as EWC importances. The base model is not written (save it with
     its own library). Raises ``ValueError`` when the layers have different
     configurations, a layer is merged, or a tensor holds NaN/inf.
@@ -264,7 +266,7 @@ def read_config(path: str) -> Dict[str, Any]:
                                                 for e in history):
         raise _fail(file, "'history' must be a list of {'task': ..., ...} objects")
     ms = cfg.get("method_state")
-    if ms is not None and (not isinstance(ms, dict) or ms.get("kind") not in ("PEMA", "DEMA", "tensors")
+    if ms is not None and (not isinstance(ms, dict) or ms.get("kind") not in ("PEMA", "DEMA", "FixedEMA", "tensors")
                            or not isinstance(ms.get("names"), list) or ms.get("file") != METHOD_STATE_NAME):
         raise _fail(file, f"'method_state' is malformed: {ms!r}")
     return cfg
@@ -365,7 +367,7 @@ def _read_method_state(path: str, cfg: Dict[str, Any], weights: Dict[str, torch.
 def load_method_state(path: Union[str, os.PathLike]) -> Optional[Dict[str, Any]]:
     """The method state :func:`save_pretrained` wrote to ``path``, or ``None`` when it wrote none.
 
-    For a saved PEMA/DEMA: ``{"kind", "names", "emas", "steps"}`` (DEMA: also
+    For a saved PEMA/DEMA/FixedEMA: ``{"kind", "names", "emas", "steps"}`` (DEMA: also
     ``"prev_grads"``), which ``PEMA.load_state_dict`` / ``DEMA.load_state_dict`` take
     directly (create the PEMA after ``from_pretrained`` and ``for_task`` of the task to
     continue, so that it tracks the same tensors). For a saved mapping: the

@@ -60,13 +60,15 @@ def _zero3_config(root: Path) -> str:
 
 
 OTHERS = ("zero-shot", "lora", "moelora", "multitask", "ew", "ew-ga", "lae", "mage-dema", "cia")  # engines.SHARDED_METHODS but MAGE
+FSDP_METHODS = "mage,moelora,lae"
 
 
 @pytest.fixture(scope="module")
 def runs(launch, tmp_path_factory):
     """Six launches: DDP and ZeRO-3 (every parameter partitioned, interrupted after the first task
     and resumed) each run one ``compare`` of MAGE and every other sharded method; FSDP2
-    (interrupted and resumed) and ZeRO-2 (straight through) run MAGE."""
+    (interrupted and resumed) runs MAGE with the two methods whose own state or parameters the
+    engine must shard (LAE's FixedEMA, MoELoRA's routers), ZeRO-2 (straight through) MAGE."""
     root = tmp_path_factory.mktemp("engines")
     z3 = _zero3_config(root)
     every = ",".join(("mage",) + OTHERS)
@@ -74,14 +76,14 @@ def runs(launch, tmp_path_factory):
     zero3 = ["--distributed", "deepspeed", "--deepspeed-config", z3]
     launch(root / "zero3", *zero3, "--max-stages", "1", command="compare", methods=every)
     out["zero3"] = launch(root / "zero3", *zero3, "--resume", command="compare", methods=every)
-    launch(root / "fsdp", "--distributed", "fsdp", "--max-stages", "1")
-    out["fsdp"] = launch(root / "fsdp", "--distributed", "fsdp", "--resume")
+    launch(root / "fsdp", "--distributed", "fsdp", "--max-stages", "1", command="compare", methods=FSDP_METHODS)
+    out["fsdp"] = launch(root / "fsdp", "--distributed", "fsdp", "--resume", command="compare", methods=FSDP_METHODS)
     out["zero2"] = launch(root / "zero2", "--distributed", "deepspeed")  # the default config: stage 2
     return root, out
 
 
 #: Where each engine's MAGE run is under the fixture's root (the ``compare`` runs hold one folder per method).
-MAGE_RUN = {"ddp": "ddp/mage", "zero3": "zero3/mage", "fsdp": "fsdp", "zero2": "zero2"}
+MAGE_RUN = {"ddp": "ddp/mage", "zero3": "zero3/mage", "fsdp": "fsdp/mage", "zero2": "zero2"}
 
 
 def _load(root: Path, name: str):
@@ -119,11 +121,13 @@ def test_sharded_engines_keep_half_of_pema_state_per_rank(runs, engine):
     assert res["peak_bytes"] < ref["peak_bytes"]  # the rank's shards of adapters, gradients, AdamW state
 
 
-@pytest.mark.parametrize("method", OTHERS)
-def test_every_other_sharded_method_ends_where_ddp_ends_under_zero3(runs, method):
-    root, _ = runs
+@pytest.mark.parametrize("engine, method", [("zero3", m) for m in OTHERS] + [("fsdp", "moelora"), ("fsdp", "lae")])
+def test_every_other_sharded_method_ends_where_ddp_ends(runs, engine, method):
+    root, procs = runs
     ref, ref_res = _load(root / "ddp", method)
-    got, res = _load(root / "zero3", method)
+    got, res = _load(root / engine, method)
+    if not res.get("joint"):  # the multitask bound is one stage: done before the interruption
+        assert got["processes"] == 2, "the run was not resumed"  # the interrupted launch and the resumed one
     assert got["adapters"].keys() == ref["adapters"].keys()
     for k, v in ref["adapters"].items():
         torch.testing.assert_close(got["adapters"][k], v, rtol=1e-4, atol=1e-5, msg=k)
@@ -131,14 +135,16 @@ def test_every_other_sharded_method_ends_where_ddp_ends_under_zero3(runs, method
         assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in ref["adapters"].items())  # it trained
     for key in ("acc", "iuf", "hal", "oth"):
         assert res[key] == ref_res[key], key
-    assert res["engine"] == "deepspeed" and res["method_state_bytes"] * 2 == ref_res["method_state_bytes"]
+    assert res["engine"] == ("fsdp" if engine == "fsdp" else "deepspeed")
+    assert res["method_state_bytes"] * 2 == ref_res["method_state_bytes"]
 
 
 def test_resume_says_where_it_resumes(runs):
     root, procs = runs
-    assert "resuming" in procs["fsdp"].stderr and "1 of 2 stage(s) finished" in procs["fsdp"].stderr
-    ck, _ = _load(root, "fsdp")
-    assert ck["processes"] == 2  # the interrupted launch and the resumed one
+    for engine in ("fsdp", "zero3"):
+        assert "resuming" in procs[engine].stderr and "1 of 2 stage(s) finished" in procs[engine].stderr
+        ck, _ = _load(root, MAGE_RUN[engine])
+        assert ck["processes"] == 2  # the interrupted launch and the resumed one
 
 
 # ------------------------------------------------------------------ refused up front (no launch needed)

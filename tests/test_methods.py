@@ -90,6 +90,25 @@ def test_moelora_injection_keeps_the_adapters_and_trains_the_router():
     assert any(n.endswith("router") for n in names) and any(".lora_A." in n for n in names)
 
 
+@pytest.mark.parametrize("name", ["moelora", "lae", "mage"])
+def test_the_engine_prepares_the_model_after_every_trained_parameter_exists(name):
+    """The FSDP2 engine shards the model in ``prepare``: MoELoRA's routers must exist by then (or they
+    would stay unsharded), and LAE's / MAGE's EMA must be built after it (on the shards)."""
+    _, model = tiny_model()
+    m = make_method(name)
+    seen = {}
+
+    def prepare(mdl):
+        seen["layers"] = [type(layer).__name__ for _, layer in mk.mage_layers(mdl)]
+        seen["routers"] = sum(n.endswith(".router") for n, _ in mdl.named_parameters())
+        seen["ema_built"] = getattr(m, "ema", None) is not None or getattr(m, "pema", None) is not None
+
+    m.setup(model, prepare)
+    assert seen["layers"] and not seen["ema_built"]
+    if name == "moelora":
+        assert set(seen["layers"]) == {"MoELoRALinear"} and seen["routers"] == len(seen["layers"])
+
+
 def test_lae_keeps_a_fixed_rate_ema_and_ends_on_it():
     v, model, m = _setup("lae")
     task = toy_tasks()["echo"]

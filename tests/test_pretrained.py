@@ -138,6 +138,18 @@ def test_method_state_pema_dema_and_generic(base_state, tmp_path):
     state = mk.load_method_state(tmp_path / "dema")
     assert state["kind"] == "DEMA" and all(torch.equal(a, b) for a, b in zip(state["prev_grads"], dema.prev_grads))
 
+    fixed = mk.FixedEMA(model, decay=0.9)
+    with torch.no_grad():
+        for e in fixed.emas:
+            e.add_(torch.randn_like(e))
+    mk.save_pretrained(model, tmp_path / "fixed", method_state=fixed)
+    state = mk.load_method_state(tmp_path / "fixed")
+    assert state["kind"] == "FixedEMA" and state["names"] == fixed.names and "prev_grads" not in state
+    assert mk.pretrained.read_config(str(tmp_path / "fixed"))["method_state"]["decay"] == 0.9
+    resumed = mk.FixedEMA(model)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.emas, fixed.emas))
+
     importances = {n: torch.rand_like(p) for n, p in mk.adapter_parameters(model)}
     mk.save_pretrained(model, tmp_path / "dema", method_state=importances)  # overwrites, kind "tensors"
     back = mk.load_method_state(tmp_path / "dema")

@@ -90,8 +90,9 @@ class Recorder(transformers.TrainerCallback):
 
 def train_with_trainer(base, n_items, method="pema", fisher_window="step", ga=2, out_dir=None, **extra_args):
     model = injected(base)
-    fisher = mk.Fisher(model, loss_reduction="mean") if method != "dema" else None
-    m = {"pema": lambda: mk.PEMA(model), "dema": lambda: mk.DEMA(model), None: lambda: None}[method]()
+    fisher = mk.Fisher(model, loss_reduction="mean") if method not in ("dema", "fixed") else None
+    m = {"pema": lambda: mk.PEMA(model), "dema": lambda: mk.DEMA(model), "fixed": lambda: mk.FixedEMA(model),
+         None: lambda: None}[method]()
     cb = MageCallback(fisher, m, fisher_window=fisher_window)
     rec = Recorder(model, fisher if fisher_window == "step" else None)
     args = transformers.TrainingArguments(
@@ -108,8 +109,9 @@ def train_with_trainer(base, n_items, method="pema", fisher_window="step", ga=2,
 def train_with_library_loop(base, windows, method="pema", fisher_window="step"):
     """README's loop, one batch per optimizer step (the window's micro-batches concatenated)."""
     model = injected(base)
-    fisher = mk.Fisher(model, loss_reduction="mean") if method != "dema" else None
-    m = {"pema": lambda: mk.PEMA(model), "dema": lambda: mk.DEMA(model), None: lambda: None}[method]()
+    fisher = mk.Fisher(model, loss_reduction="mean") if method not in ("dema", "fixed") else None
+    m = {"pema": lambda: mk.PEMA(model), "dema": lambda: mk.DEMA(model), "fixed": lambda: mk.FixedEMA(model),
+         None: lambda: None}[method]()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
     fishers = []
     model.train()
@@ -176,11 +178,15 @@ def test_trainer_with_gradient_accumulation_matches_the_library_loop():
     assert fisher.num_samples == 2  # the last window's samples
 
 
-def test_trainer_with_dema_and_with_an_ewc_fisher_over_the_whole_run():
+def test_trainer_with_dema_with_a_fixed_ema_and_with_an_ewc_fisher_over_the_whole_run():
     base = base_model()
     model, _, dema, rec = train_with_trainer(base, n_items=10, method="dema")
     ref, _, ref_dema, _ = train_with_library_loop(base, rec.windows, method="dema")
     torch.testing.assert_close(dema.last_alphas, ref_dema.last_alphas, rtol=1e-9, atol=0)
+    assert_same_adapters(model, ref)
+    model, _, fixed, rec = train_with_trainer(base, n_items=10, method="fixed")  # LAE's EMA: no Fisher either
+    ref, _, ref_fixed, _ = train_with_library_loop(base, rec.windows, method="fixed")
+    assert fixed.steps == ref_fixed.steps == len(rec.windows) > 1
     assert_same_adapters(model, ref)
     _, fisher, _, rec = train_with_trainer(base, n_items=10, method=None, fisher_window="train")
     _, ref_fisher, _, _ = train_with_library_loop(base, rec.windows, method=None, fisher_window="train")

@@ -60,7 +60,7 @@ try:
 except ImportError as exc:  # pragma: no cover - the module is only imported by users of transformers
     raise ImportError("mage_kernels.integrations.transformers needs the transformers package") from exc
 
-from ..ema import DEMA, PEMA
+from ..ema import DEMA, PEMA, FixedEMA
 from ..fisher import Fisher
 from ..inject import adapter_parameters, mage_layers
 
@@ -99,7 +99,8 @@ class MageCallback(TrainerCallback):
         fisher: a :class:`mage_kernels.Fisher` with ``loss_reduction="mean"`` attached
             to the model the Trainer trains (``None`` for DEMA alone).
         method: a :class:`mage_kernels.PEMA` (needs ``fisher``), a
-            :class:`mage_kernels.DEMA`, or ``None`` (Fisher only, e.g. EWC).
+            :class:`mage_kernels.DEMA` or :class:`mage_kernels.FixedEMA` (LAE's fixed-rate EMA),
+            or ``None`` (Fisher only, e.g. EWC).
         fisher_window: ``"step"`` (reset every optimizer step: what PEMA needs) or
             ``"train"`` (one Fisher over the whole ``train()``: EWC importances).
         finish_task: call ``method.finish_task()`` at the end of ``train()``.
@@ -113,17 +114,17 @@ class MageCallback(TrainerCallback):
     def __init__(
         self,
         fisher: Optional[Fisher] = None,
-        method: Union[PEMA, DEMA, None] = None,
+        method: Union[PEMA, DEMA, FixedEMA, None] = None,
         fisher_window: str = "step",
         finish_task: bool = True,
         shift_labels: bool = True,
     ) -> None:
         if fisher is None and method is None:
-            raise ValueError("MageCallback needs a Fisher, a method (PEMA/DEMA), or both")
+            raise ValueError("MageCallback needs a Fisher, a method (PEMA/DEMA/FixedEMA), or both")
         if fisher is not None and not isinstance(fisher, Fisher):
             raise TypeError(f"fisher must be a mage_kernels.Fisher; got {type(fisher).__name__}")
-        if method is not None and not isinstance(method, (PEMA, DEMA)):
-            raise TypeError(f"method must be a mage_kernels.PEMA or DEMA; got {type(method).__name__}")
+        if method is not None and not isinstance(method, (PEMA, DEMA, FixedEMA)):
+            raise TypeError(f"method must be a mage_kernels.PEMA, DEMA or FixedEMA; got {type(method).__name__}")
         if isinstance(method, PEMA) and fisher is None:
             raise ValueError("PEMA needs the step's Fisher: pass fisher=mk.Fisher(model, loss_reduction='mean')")
         if fisher is not None and fisher.loss_reduction != "mean":

@@ -14,11 +14,12 @@ The engines, and what each does with the library (ALGORITHM.md section 7):
 * ``ddp``  -- ``torch.nn.parallel.DistributedDataParallel`` over the trainable adapters, AdamW,
   ``clip_grad_norm_``; every rank holds whole tensors (on one process: no wrapper at all).
 * ``fsdp`` -- torch FSDP2: :meth:`Engine.prepare` calls ``fully_shard`` on every decoder layer
-  and on the root right after the adapters are injected (before PEMA/DEMA are made, so they
-  see DTensor shards and stay shard-local); AdamW over the DTensor shards; the same clipping.
+  and on the root right after the adapters (and MoELoRA's routers) are made, before PEMA, DEMA
+  or LAE's FixedEMA are built, so they see DTensor shards and stay shard-local; AdamW over the
+  DTensor shards; the same clipping.
 * ``deepspeed`` -- ``deepspeed.initialize`` with a ZeRO config (stage 1, 2 or 3; the driver
   sets the batch sizes, clipping, AdamW and the warm-up schedule from the preset), a new engine
-  for every task; PEMA and DEMA read this rank's partitions through
+  for every task; PEMA, DEMA and FixedEMA read this rank's partitions through
   :class:`mage_kernels.integrations.deepspeed.ZeroSharding`.
 
 Under ``fsdp`` and ZeRO-3 every forward is a collective, so evaluation runs in lock-step
@@ -105,7 +106,7 @@ def read_deepspeed_config(path: Optional[str]) -> Dict[str, object]:
 class TaskSteps:
     """One task's optimizer steps under an engine (see the module docstring for the call order).
 
-    ``module`` is what the trainer calls forward on; ``sharding`` is what PEMA/DEMA need for
+    ``module`` is what the trainer calls forward on; ``sharding`` is what PEMA/DEMA/FixedEMA need for
     this task (``None``: they find the parameters' own layout, whole tensors or DTensors);
     ``plain_grads`` says whether ``p.grad`` holds the whole averaged gradient after
     :meth:`step` (``ddp`` only), which MAGE's beta statistics need.

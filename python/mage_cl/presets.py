@@ -60,8 +60,8 @@ PRESETS: Dict[str, Preset] = {
         TrainConfig(steps_per_task=250, batch_size=16, lr=1e-3, eval_batch_size=100, max_eval=300,
                     consolidate_batches=8),
         cpu_threads=1,
-        description="the committed CPU comparison (bench/results/cl_cpu_v4/): the tasks are learned; "
-                    "10-20 min per method on one core of a shared machine",
+        description="the committed CPU comparison (bench/results/cl_cpu_v4/): the tasks are partly learned; "
+                    "5-6.5 min per method on one idle core",
     ),
     "gpu": Preset(
         "gpu",

@@ -15,7 +15,7 @@ MAGE-vs-CIA memory line), ``comparison.json``, ``comparison.csv``, and
 upper bound as a reference line). Accuracy axes are fixed to 0-100.
 
 Memory columns: ``state`` is the method's persistent continual-learning state measured
-on its tensors (``mk.persistent_state_bytes`` for PEMA / DEMA); ``peak`` is
+on its tensors (``mk.persistent_state_bytes`` for PEMA / DEMA / FixedEMA); ``peak`` is
 ``torch.cuda.max_memory_allocated`` on GPU, and on CPU the bytes of the tensors a
 training step keeps alive (parameters, gradients, optimizer state, Fisher buffers,
 method state; activations are not counted).
