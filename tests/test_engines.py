@@ -9,7 +9,8 @@ preset's adapter dropout draws its masks per rank: with 2 ranks every engine see
 masks, one process on the whole batch other ones (``tests/test_scale.py`` compares every
 engine with one process, dropout off). Under DDP and ZeRO-3 (every parameter partitioned)
 MAGE runs in one ``compare`` with the nine other methods the sharded engines run, so the
-ZeRO-3 resume covers every one of them.
+ZeRO-3 resume covers every one of them; FSDP2 runs MAGE with MoELoRA, LAE and EWC, ZeRO-2 with
+EWC (which ZeRO-3 refuses).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _zero3_config(root: Path) -> str:
 
 
 OTHERS = ("zero-shot", "lora", "moelora", "multitask", "ew", "ew-ga", "lae", "mage-dema", "cia")  # engines.SHARDED_METHODS but MAGE
-FSDP_METHODS = "mage,moelora,lae"
+FSDP_METHODS = "mage,moelora,lae,ewc"  # the methods whose own state or parameters FSDP2 shards
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +73,19 @@ def runs(launch, tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
     z3 = _zero3_config(root)
     every = ",".join(("mage",) + OTHERS)
-    out = {"ddp": launch(root / "ddp", command="compare", methods=every)}
+    out = {"ddp": launch(root / "ddp", command="compare", methods=every + ",ewc")}
     zero3 = ["--distributed", "deepspeed", "--deepspeed-config", z3]
     launch(root / "zero3", *zero3, "--max-stages", "1", command="compare", methods=every)
     out["zero3"] = launch(root / "zero3", *zero3, "--resume", command="compare", methods=every)
     launch(root / "fsdp", "--distributed", "fsdp", "--max-stages", "1", command="compare", methods=FSDP_METHODS)
     out["fsdp"] = launch(root / "fsdp", "--distributed", "fsdp", "--resume", command="compare", methods=FSDP_METHODS)
-    out["zero2"] = launch(root / "zero2", "--distributed", "deepspeed")  # the default config: stage 2
+    out["zero2"] = launch(root / "zero2", "--distributed", "deepspeed",  # the default config: stage 2
+                          command="compare", methods="mage,ewc")
     return root, out
 
 
 #: Where each engine's MAGE run is under the fixture's root (the ``compare`` runs hold one folder per method).
-MAGE_RUN = {"ddp": "ddp/mage", "zero3": "zero3/mage", "fsdp": "fsdp/mage", "zero2": "zero2"}
+MAGE_RUN = {"ddp": "ddp/mage", "zero3": "zero3/mage", "fsdp": "fsdp/mage", "zero2": "zero2/mage"}
 
 
 def _load(root: Path, name: str):
@@ -121,12 +123,13 @@ def test_sharded_engines_keep_half_of_pema_state_per_rank(runs, engine):
     assert res["peak_bytes"] < ref["peak_bytes"]  # the rank's shards of adapters, gradients, AdamW state
 
 
-@pytest.mark.parametrize("engine, method", [("zero3", m) for m in OTHERS] + [("fsdp", "moelora"), ("fsdp", "lae")])
+@pytest.mark.parametrize("engine, method", [("zero3", m) for m in OTHERS]
+                         + [("fsdp", "moelora"), ("fsdp", "lae"), ("fsdp", "ewc"), ("zero2", "ewc")])
 def test_every_other_sharded_method_ends_where_ddp_ends(runs, engine, method):
     root, procs = runs
     ref, ref_res = _load(root / "ddp", method)
     got, res = _load(root / engine, method)
-    if not res.get("joint"):  # the multitask bound is one stage: done before the interruption
+    if engine != "zero2" and not res.get("joint"):  # multitask: one stage, done before the interruption
         assert got["processes"] == 2, "the run was not resumed"  # the interrupted launch and the resumed one
     assert got["adapters"].keys() == ref["adapters"].keys()
     for k, v in ref["adapters"].items():
@@ -136,7 +139,8 @@ def test_every_other_sharded_method_ends_where_ddp_ends(runs, engine, method):
     for key in ("acc", "iuf", "hal", "oth"):
         assert res[key] == ref_res[key], key
     assert res["engine"] == ("fsdp" if engine == "fsdp" else "deepspeed")
-    assert res["method_state_bytes"] * 2 == ref_res["method_state_bytes"]
+    # each rank holds half of the sharded state (ZeRO-2: EWC's F and theta* stay whole, as under DDP)
+    assert res["method_state_bytes"] * (1 if engine == "zero2" else 2) == ref_res["method_state_bytes"]
 
 
 def test_resume_says_where_it_resumes(runs):
@@ -153,7 +157,7 @@ def test_resume_says_where_it_resumes(runs):
 @pytest.mark.parametrize("opts, words", [
     (dict(distributed="zero"), ["unknown engine 'zero'", "fsdp", "deepspeed"]),
     (dict(distributed="fsdp", method="pgp"), ["pgp needs whole tensors", "--distributed ddp"]),
-    (dict(distributed="deepspeed", method="ewc"), ["ewc needs whole tensors"]),
+    (dict(distributed="deepspeed", method="reglora"), ["reglora needs whole tensors"]),
     (dict(distributed="deepspeed", max_batch_tokens=64), ["--max-batch-tokens"]),
     (dict(distributed="fsdp", max_batch_tokens=64), ["--max-batch-tokens", "runs under ddp"]),
     (dict(deepspeed_config="x.json"), ["--deepspeed-config goes with --distributed deepspeed"]),
@@ -164,6 +168,16 @@ def test_bad_engine_choices_are_refused(monkeypatch, opts, words):
         runner._validate(RunOptions(**opts))
     for w in words:
         assert w in str(exc.value)
+
+
+def test_ewc_under_zero3_is_refused_and_under_zero2_accepted(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    z3 = tmp_path / "z3.json"
+    z3.write_text(json.dumps(ZERO3_ALL_PARTITIONED))
+    with pytest.raises(UsageError, match="ewc needs whole parameters or FSDP2 shards, and ZeRO-3 partitions them"):
+        runner._validate(RunOptions(method="ewc", distributed="deepspeed", deepspeed_config=str(z3)))
+    runner._validate(RunOptions(method="ewc", distributed="deepspeed"))  # the default config: ZeRO-2
+    runner._validate(RunOptions(method="ewc", distributed="fsdp"))
 
 
 @pytest.mark.parametrize("engine", [None, "ddp", "fsdp"])

@@ -24,8 +24,9 @@ The engines, and what each does with the library (ALGORITHM.md section 7):
 
 Under ``fsdp`` and ZeRO-3 every forward is a collective, so evaluation runs in lock-step
 (:attr:`Engine.lockstep`). Methods whose updates need whole tensors or whole gradients on
-every rank (EWC's and PGP's consolidation passes, RegLoRA's and the authors' dense PEMA)
-are refused under ``fsdp`` and ``deepspeed`` (:data:`SHARDED_METHODS`).
+every rank (PGP's projection, RegLoRA's and the authors' dense PEMA) are refused under
+``fsdp`` and ``deepspeed`` (:data:`SHARDED_METHODS`), EWC under ZeRO-3
+(:data:`WHOLE_PARAMETER_METHODS`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from torch import nn
 
 from . import distributed
 
-__all__ = ["ENGINES", "SHARDED_METHODS", "Engine", "TaskSteps", "make_engine", "read_deepspeed_config"]
+__all__ = ["ENGINES", "SHARDED_METHODS", "WHOLE_PARAMETER_METHODS", "Engine", "TaskSteps", "make_engine", "read_deepspeed_config"]
 
 #: name -> one line for ``--help``.
 ENGINES: Dict[str, str] = {
@@ -51,9 +52,15 @@ ENGINES: Dict[str, str] = {
 }
 
 #: Methods that run under ``fsdp`` and ``deepspeed``: their state is the library's (PEMA, DEMA,
-#: LAE's FixedEMA) or none (MoELoRA's routers are trained parameters like the adapters), so every
-#: update is shard-local or all-reduced (ALGORITHM.md section 7).
-SHARDED_METHODS = ("zero-shot", "lora", "moelora", "multitask", "ew", "ew-ga", "lae", "mage", "mage-dema", "cia")
+#: LAE's FixedEMA), EWC's F and theta* of this rank's shard, or none (MoELoRA's routers are trained
+#: parameters like the adapters), so every update is shard-local or all-reduced (ALGORITHM.md
+#: section 7).
+SHARDED_METHODS = ("zero-shot", "lora", "moelora", "multitask", "ewc", "ew", "ew-ga", "lae", "mage", "mage-dema",
+                   "cia")
+
+#: Of those, the ones whose penalty reads the parameters themselves between forwards (EWC's anchor): they run
+#: on FSDP2 shards and on ZeRO-1/2 (whole parameters), not on ZeRO-3's partitioned parameters.
+WHOLE_PARAMETER_METHODS = ("ewc",)
 
 #: Keys of a ``--deepspeed-config`` that the driver sets itself from the preset.
 _DRIVER_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",

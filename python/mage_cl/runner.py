@@ -39,7 +39,7 @@ import torch
 import mage_kernels as mk
 
 from . import checkpoint, distributed, results
-from .engines import ENGINES, SHARDED_METHODS, Engine, make_engine, read_deepspeed_config
+from .engines import ENGINES, SHARDED_METHODS, WHOLE_PARAMETER_METHODS, Engine, make_engine, read_deepspeed_config
 from .methods import METHODS, make_method
 from .methods.base import MethodConfig
 from .presets import Preset, get_preset
@@ -151,9 +151,12 @@ def _validate_engine(opts: RunOptions, preset: Preset) -> None:
         if importlib.util.find_spec("deepspeed") is None:
             raise UsageError("--distributed deepspeed needs DeepSpeed: pip install 'mage-kernels[deepspeed]'")
         try:
-            read_deepspeed_config(opts.deepspeed_config)
+            cfg = read_deepspeed_config(opts.deepspeed_config)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        if opts.method in WHOLE_PARAMETER_METHODS and cfg["zero_optimization"]["stage"] == 3:
+            raise UsageError(f"{opts.method} needs whole parameters or FSDP2 shards, and ZeRO-3 partitions them: use "
+                             "ZeRO stage 1 or 2, --distributed fsdp, or ddp")
 
 
 def _engine(opts: RunOptions) -> Engine:

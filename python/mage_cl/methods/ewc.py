@@ -9,6 +9,11 @@ the earlier tasks ("online" EWC), and the adapters are anchored:
 
 (``theta*`` = adapters at the end of the previous task). Normalizing the Fisher
 to mean 1 makes ``lambda`` independent of the loss scale; it is the one knob.
+
+Under FSDP2 each rank keeps ``F`` and ``theta*`` of its own shard only and adds the penalty of
+that shard (the gradient of a shard's penalty depends on that shard alone); ``state_dict``
+gathers whole tensors. DeepSpeed ZeRO-1/2 keep whole parameters on every rank, as DDP does;
+ZeRO-3's partitioned parameters are refused by the driver (``mage_cl.engines``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Dict, Optional
 import torch
 
 import mage_kernels as mk
+
+from mage_kernels.sharding import DTensorShard, LocalPart, WholeTensor, is_dtensor
 
 from .base import Method, batch_loss, tensor_bytes
 
@@ -31,8 +38,22 @@ class EWC(Method):
     def __init__(self, config=None, lam: float = 1.0) -> None:
         super().__init__(config)
         self.lam = lam
-        self.fisher: Dict[str, torch.Tensor] = {}
-        self.anchor: Dict[str, torch.Tensor] = {}
+        self.fisher: Dict[str, torch.Tensor] = {}  # this rank's part of each tensor's F (whole without sharding)
+        self.anchor: Dict[str, torch.Tensor] = {}  # ... and of theta*
+
+    @staticmethod
+    def _part(name: str, p: torch.Tensor) -> LocalPart:
+        """What this rank holds of ``p``: an FSDP2 DTensor's local shard, else the whole tensor (one
+        process, DDP, and DeepSpeed ZeRO-1/2, whose parameters stay whole on every rank)."""
+        if hasattr(p, "ds_id"):  # ZeRO-3 partitions the parameters themselves (the driver refuses it first)
+            raise ValueError(f"EWC needs whole parameters or FSDP2 shards; {name} is partitioned by DeepSpeed "
+                             "ZeRO-3 (use ZeRO stage 1 or 2, fsdp or ddp)")
+        return DTensorShard(name, p) if is_dtensor(p) else WholeTensor(name, p)
+
+    @staticmethod
+    def _local(p: torch.Tensor) -> torch.Tensor:
+        """``p``'s local values, differentiable (an FSDP2 DTensor's shard; ``p`` itself otherwise)."""
+        return p.to_local() if hasattr(p, "to_local") else p
 
     def loss_extra(self, model) -> Optional[torch.Tensor]:
         if not self.fisher:
@@ -40,7 +61,7 @@ class EWC(Method):
         total = None
         for n, p in self.model.named_parameters():
             if n in self.fisher and p.requires_grad:
-                term = (self.fisher[n] * (p - self.anchor[n]).pow(2)).sum()
+                term = (self.fisher[n] * (self._local(p) - self.anchor[n]).pow(2)).sum()
                 total = term if total is None else total + term
         return None if total is None else 0.5 * self.lam * total
 
@@ -67,21 +88,31 @@ class EWC(Method):
             fisher.remove()
             model.zero_grad(set_to_none=True)
             model.train(was_training)
-        mean = torch.stack([v.mean() for v in values.values()]).mean().clamp_min(1e-30)
+        mean = torch.stack([v.mean() for v in values.values()]).mean().clamp_min(1e-30)  # F is whole and synced
         for n, v in values.items():
-            v = v / mean
+            part = self._part(n, params[n])
+            v = part.take(v / mean).contiguous()
             self.fisher[n] = self.fisher[n] + v if n in self.fisher else v
-            self.anchor[n] = params[n].detach().clone()
+            self.anchor[n] = part.theta().detach().clone()
 
     def state_bytes(self) -> int:
         return tensor_bytes(self.fisher.values()) + tensor_bytes(self.anchor.values())
 
     def state_dict(self):
-        return {"fisher": {k: v.cpu() for k, v in self.fisher.items()},
-                "anchor": {k: v.cpu() for k, v in self.anchor.items()}}
+        """Whole tensors on every rank (under FSDP2 the shards are gathered: every rank calls it)."""
+        params = dict(self.model.named_parameters())
+        whole = {k: {n: self._part(n, params[n]).gather(v).cpu() for n, v in d.items()}
+                 for k, d in (("fisher", self.fisher), ("anchor", self.anchor))}
+        return whole
 
     def load_state_dict(self, state) -> None:
+        """Whole tensors (from a sharded or a single-process run); each rank keeps its part."""
+        params = dict(self.model.named_parameters())
         dev = next(self.model.parameters()).device
-        self.fisher = {k: v.to(dev) for k, v in state.get("fisher", {}).items()}
-        self.anchor = {k: v.to(dev) for k, v in state.get("anchor", {}).items()}
+
+        def local(n, v):
+            return self._part(n, params[n]).localize(v.to(dev), "EWC state").contiguous()
+
+        self.fisher = {n: local(n, v) for n, v in state.get("fisher", {}).items()}
+        self.anchor = {n: local(n, v) for n, v in state.get("anchor", {}).items()}
 
