@@ -34,7 +34,7 @@ from torch import nn
 import mage_kernels as mk
 from mage_kernels.sharding import full_shape, full_tensor, load_full_
 
-__all__ = ["MethodConfig", "Method", "LoRA", "ZeroShot", "Multitask", "tensor_bytes", "batch_loss"]
+__all__ = ["MethodConfig", "Method", "WithTaskEMA", "LoRA", "ZeroShot", "Multitask", "tensor_bytes", "batch_loss"]
 
 
 @dataclass
@@ -211,6 +211,42 @@ class Method:
 def _is_adapter(name: str) -> bool:
     leaf = name.split(".")
     return any(part in ("lora_A", "lora_B", "router") for part in leaf)
+
+
+class WithTaskEMA:
+    """Mixin: a library task EMA (``mk.DEMA``, ``mk.FixedEMA``) in ``self.ema``, snapshot at each task's
+    start, updated after every optimizer step, adopted by the adapters at the task's end.
+
+    Under DeepSpeed the task's engine holds the partitions, so the EMA starts on its sharding in
+    :meth:`bind_steps` (a new engine per task) rather than in :meth:`before_task`.
+    """
+
+    def make_ema(self, model):
+        raise NotImplementedError
+
+    def setup(self, model, prepare=None) -> None:
+        super().setup(model, prepare)
+        self.ema = self.make_ema(model)  # after prepare: FSDP2's shards
+        self._engine_sharding = False  # whether the last task's engine gave the EMA its sharding (DeepSpeed)
+
+    def before_task(self, task, task_index: int) -> None:
+        super().before_task(task, task_index)
+        if not self._engine_sharding:  # else bind_steps starts it, on the task's new engine
+            self.ema.start_task()
+
+    def bind_steps(self, steps) -> None:
+        self._engine_sharding = steps.sharding is not None
+        if self._engine_sharding:
+            self.ema.start_task(sharding=steps.sharding)
+
+    def after_step(self, fisher) -> None:
+        self.ema.update()
+
+    def after_task(self, task, train_batches) -> None:
+        self.ema.finish_task()
+
+    def state_bytes(self) -> int:
+        return int(mk.persistent_state_bytes(self.ema))
 
 
 class LoRA(Method):

@@ -12,38 +12,21 @@ from __future__ import annotations
 
 import mage_kernels as mk
 
-from .base import Method
+from .base import Method, WithTaskEMA
 
 __all__ = ["CIA", "WithDEMA"]
 
 
-class WithDEMA:
+class WithDEMA(WithTaskEMA):
     """Mixin: ``mk.DEMA`` after every optimizer step, the adapters take their EMA values at
     each task's end. Used by CIA (on one LoRA) and by ``mage-dema`` (on EW + GA)."""
 
-    def setup(self, model, prepare=None) -> None:
-        super().setup(model, prepare)
-        self.dema = mk.DEMA(model)
-        self._engine_sharding = False  # whether the last task's engine gave DEMA its sharding (DeepSpeed)
+    def make_ema(self, model):
+        return mk.DEMA(model)
 
-    def before_task(self, task, task_index: int) -> None:
-        super().before_task(task, task_index)
-        if not self._engine_sharding:  # else bind_steps starts it, on the task's new engine
-            self.dema.start_task()
-
-    def bind_steps(self, steps) -> None:
-        self._engine_sharding = steps.sharding is not None
-        if self._engine_sharding:  # DeepSpeed: this task's engine holds the partitions
-            self.dema.start_task(sharding=steps.sharding)
-
-    def after_step(self, fisher) -> None:
-        self.dema.update()
-
-    def after_task(self, task, train_batches) -> None:
-        self.dema.finish_task()
-
-    def state_bytes(self) -> int:
-        return int(mk.persistent_state_bytes(self.dema))
+    @property
+    def dema(self):
+        return self.ema
 
     def diagnostics(self):
         """Share of DEMA's per-tensor updates this task that used the fallback alpha (ALGORITHM.md section 4)."""

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import mage_kernels as mk
 
-from .base import Method
+from .base import Method, WithTaskEMA
 
 __all__ = ["LAE"]
 
 
-class LAE(Method):
+class LAE(WithTaskEMA, Method):
     name = "lae"
     summary = "LAE: fixed-rate (0.99) EMA of one rank-32 LoRA, adopted at each task's end"
 
@@ -27,28 +27,7 @@ class LAE(Method):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"LAE decay must be in (0, 1); got {decay}")
         self.decay = decay
-        self.ema = None  # mk.FixedEMA: elementwise, so shard-local under FSDP2 and DeepSpeed
-        self._engine_sharding = False  # whether the last task's engine gave the EMA its sharding (DeepSpeed)
+        self.ema = None  # mk.FixedEMA (setup): elementwise, so shard-local under FSDP2 and DeepSpeed
 
-    def setup(self, model, prepare=None) -> None:
-        super().setup(model, prepare)
-        self.ema = mk.FixedEMA(model, decay=self.decay)
-
-    def before_task(self, task, task_index: int) -> None:
-        super().before_task(task, task_index)
-        if not self._engine_sharding:  # else bind_steps starts it, on the task's new engine
-            self.ema.start_task()
-
-    def bind_steps(self, steps) -> None:
-        self._engine_sharding = steps.sharding is not None
-        if self._engine_sharding:  # DeepSpeed: this task's engine holds the partitions
-            self.ema.start_task(sharding=steps.sharding)
-
-    def after_step(self, fisher) -> None:
-        self.ema.update()
-
-    def after_task(self, task, train_batches) -> None:
-        self.ema.finish_task()
-
-    def state_bytes(self) -> int:
-        return int(mk.persistent_state_bytes(self.ema))
+    def make_ema(self, model):
+        return mk.FixedEMA(model, decay=self.decay)
