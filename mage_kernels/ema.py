@@ -369,13 +369,14 @@ class _TaskEMA:
         return [part.gather(t).detach().clone() for part, t in zip(self.parts, tensors)]
 
     def state_dict(self) -> Dict[str, object]:
-        """``{"names", "emas", "steps"}`` with WHOLE tensors on every rank.
+        """``{"kind", "names", "emas", "steps"}`` with WHOLE tensors on every rank (``kind``: the class name).
 
         Under sharding the parts are gathered here, once (a collective: every rank
         calls it; let rank 0 write the file). It loads into a sharded or a
         single-process object alike.
         """
-        return {"names": list(self.names), "emas": self._full(self.emas), "steps": self.steps}
+        return {"kind": type(self).__name__, "names": list(self.names), "emas": self._full(self.emas),
+                "steps": self.steps}
 
     def _load_parts(self, targets: Sequence[torch.Tensor], values: Sequence[object], what: str) -> None:
         values = list(values)
@@ -391,7 +392,10 @@ class _TaskEMA:
                 t.copy_(v)
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Load :meth:`state_dict` (whole tensors; each rank keeps its part)."""
+        """Load :meth:`state_dict` (whole tensors; each rank keeps its part) of the same kind of EMA."""
+        kind = state.get("kind")
+        if kind is not None and kind != type(self).__name__:
+            raise ValueError(f"state_dict is a {kind}'s, not a {type(self).__name__}'s")
         if list(state["names"]) != self.names:
             raise KeyError("state_dict tensors do not match this object's tracked parameters (call start_task() first?)")
         self._load_parts(self.emas, state["emas"], "EMA")

@@ -68,6 +68,9 @@ def test_state_dict_round_trip_and_start_task_snapshots_again():
     ema.start_task()
     for e, (_, p) in zip(ema.emas, _trainable(model)):
         assert torch.equal(e, p.detach()) and ema.steps == 0
+    assert state["kind"] == "FixedEMA"
+    with pytest.raises(ValueError, match="state_dict is a DEMA's, not a FixedEMA's"):
+        ema.load_state_dict(mk.DEMA(model).state_dict())  # same tensors, another kind of EMA
 
 
 @pytest.mark.parametrize("decay", [0.0, 1.0, -0.5, float("nan")])
