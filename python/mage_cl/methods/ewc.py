@@ -53,7 +53,7 @@ class EWC(Method):
     @staticmethod
     def _local(p: torch.Tensor) -> torch.Tensor:
         """``p``'s local values, differentiable (an FSDP2 DTensor's shard; ``p`` itself otherwise)."""
-        return p.to_local() if hasattr(p, "to_local") else p
+        return p.to_local() if is_dtensor(p) else p
 
     def loss_extra(self, model) -> Optional[torch.Tensor]:
         if not self.fisher:
@@ -101,9 +101,8 @@ class EWC(Method):
     def state_dict(self):
         """Whole tensors on every rank (under FSDP2 the shards are gathered: every rank calls it)."""
         params = dict(self.model.named_parameters())
-        whole = {k: {n: self._part(n, params[n]).gather(v).cpu() for n, v in d.items()}
-                 for k, d in (("fisher", self.fisher), ("anchor", self.anchor))}
-        return whole
+        return {k: {n: self._part(n, params[n]).gather(v).cpu() for n, v in d.items()}
+                for k, d in (("fisher", self.fisher), ("anchor", self.anchor))}
 
     def load_state_dict(self, state) -> None:
         """Whole tensors (from a sharded or a single-process run); each rank keeps its part."""

@@ -28,7 +28,7 @@ import torch
 
 import mage_kernels as mk
 
-from .base import Method
+from .base import Method, WithTaskEMA
 from .cia import WithDEMA
 
 __all__ = ["EW", "EWGA", "MAGE", "MAGEDEMA", "MAGEAuthors", "BetaTracker"]
@@ -112,7 +112,7 @@ class BetaTracker:
         }
 
 
-class MAGE(EWGA):
+class MAGE(WithTaskEMA, EWGA):
     """EW + GA + PEMA (the paper's method)."""
 
     name = "mage"
@@ -123,26 +123,24 @@ class MAGE(EWGA):
         super().__init__(config)
         self.lam = lam
         self.beta_fallback = beta_fallback
-        self.pema = None
+        self.ema = None  # mk.PEMA (setup)
         self.beta = BetaTracker(lam) if track_beta else None
         self._observe = self.beta is not None
-        self._engine_sharding = False  # whether the last task's engine gave PEMA its sharding (DeepSpeed)
 
-    def setup(self, model, prepare=None) -> None:
-        super().setup(model, prepare)
-        self.pema = mk.PEMA(model, lam=self.lam, beta_fallback=self.beta_fallback)
+    def make_ema(self, model):
+        return mk.PEMA(model, lam=self.lam, beta_fallback=self.beta_fallback)
+
+    @property
+    def pema(self):
+        return self.ema
 
     def before_task(self, task, task_index: int) -> None:
         super().before_task(task, task_index)
-        if not self._engine_sharding:  # else bind_steps starts it, on the task's new engine
-            self.pema.start_task()
         if self.beta is not None:
             self.beta.reset()
 
     def bind_steps(self, steps) -> None:
-        self._engine_sharding = steps.sharding is not None
-        if self._engine_sharding:  # DeepSpeed: this task's engine holds the partitions
-            self.pema.start_task(sharding=steps.sharding)
+        super().bind_steps(steps)
         # the beta statistics read whole p.grad and F; under FSDP2 / ZeRO they are not recorded
         self._observe = self.beta is not None and steps.plain_grads
 
@@ -153,12 +151,6 @@ class MAGE(EWGA):
             p = self.pema.params
             self.beta.observe(p, self.pema.emas, [t.grad for t in p], fisher.for_parameters(p))
         self.pema.update(fisher)
-
-    def after_task(self, task, train_batches) -> None:
-        self.pema.finish_task()
-
-    def state_bytes(self) -> int:
-        return int(mk.persistent_state_bytes(self.pema))
 
     def diagnostics(self):
         """PEMA's fallback share this task (exact, from the kernel's counter) and the beta statistics."""
