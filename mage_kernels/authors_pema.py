@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .ema import GradSource, _TaskEMA
+from .sharding import Sharding, WholeTensor
 
 __all__ = ["authors_pema_update_", "AuthorsPEMA", "AuthorsPEMAStats"]
 
@@ -97,12 +98,16 @@ class AuthorsPEMA(_TaskEMA):
     """The authors' PEMA over a model's trainable adapters, with :class:`mage_kernels.PEMA`'s interface.
 
     Call :meth:`update` after ``backward()`` (and gradient clipping) and BEFORE
-    ``optimizer.step()``, as the authors do. ``stats`` accumulates the counts of the task
+    ``optimizer.step()``, as the authors do. Under FSDP2 or DeepSpeed ZeRO it needs
+    ``sharding=mage_kernels.sharding.Gathered()`` (whole ``theta*`` on every rank, whole
+    ``theta`` gathered each step) and the whole gradients passed to :meth:`update`; a
+    sharding that splits the tensors is refused. ``stats`` accumulates the counts of the task
     (:class:`AuthorsPEMAStats`); :meth:`finish_task` sets ``theta <- theta*`` except for tensors
     whose average is not finite.
     """
 
-    def __init__(self, model: nn.Module, lam: float = 1e-5, fallback: float = 0.99) -> None:
+    def __init__(self, model: nn.Module, lam: float = 1e-5, fallback: float = 0.99,
+                 sharding: Optional[Sharding] = None) -> None:
         if not lam > 0:
             raise ValueError(f"lam must be positive; got {lam}")
         if not 0 < fallback < 1:
@@ -110,15 +115,28 @@ class AuthorsPEMA(_TaskEMA):
         self.lam = float(lam)
         self.fallback = float(fallback)
         self.stats = AuthorsPEMAStats()
-        super().__init__(model)
+        super().__init__(model, sharding)
 
-    def start_task(self) -> None:
-        super().start_task()
+    def start_task(self, sharding: Optional[Sharding] = None) -> None:
+        super().start_task(sharding)
+        if any(part.sharded for part in self.parts):
+            raise ValueError(
+                "AuthorsPEMA needs whole tensors (its d x d matrix mixes every row of theta): under FSDP2 or "
+                "DeepSpeed ZeRO pass sharding=mage_kernels.sharding.Gathered() and the whole gradients, "
+                "update(grads={name: grad})"
+            )
         self.stats = AuthorsPEMAStats()
 
     def update(self, fisher: object = None, grads: Optional[GradSource] = None) -> AuthorsPEMAStats:
-        """One step (the ``fisher`` argument is ignored: this form uses batch-gradient squares)."""
-        step = authors_pema_update_(self.params, self.emas, self._gradients(grads), self.lam, self.fallback)
+        """One step (the ``fisher`` argument is ignored: this form uses batch-gradient squares).
+
+        With :class:`mage_kernels.sharding.Gathered` every call gathers the whole ``theta``
+        of each tensor (a collective under FSDP2 / ZeRO-3) and ``grads`` must hold whole gradients.
+        """
+        grad_list = self._gradients(grads)
+        whole = all(isinstance(part, WholeTensor) for part in self.parts)
+        thetas = self.params if whole else [part.theta() for part in self.parts]
+        step = authors_pema_update_(thetas, self.emas, grad_list, self.lam, self.fallback)
         self.stats.add(step)
         self.steps += 1
         return step

@@ -12,13 +12,17 @@ engine                      what a rank owns of a tensor                part
 one process, DDP            the whole tensor (every rank the same)      :class:`WholeTensor`
 FSDP2 (``fully_shard``)     its DTensor local shard                     :class:`DTensorShard`
 DeepSpeed ZeRO 1 / 2 / 3    its fp32 partition in the optimizer         ``mage_kernels.integrations.deepspeed``
+any of them, gathered       the whole tensor, gathered when read        :class:`GatheredTensor`
 ==========================  ==========================================  ===============================
 
 The default :class:`Sharding` handles whole tensors and DTensors by itself;
 DeepSpeed's partitions need the engine
 (:class:`mage_kernels.integrations.deepspeed.ZeroSharding`), and a model whose
 adapters DeepSpeed partitions is refused without it (never silently treated
-as whole tensors).
+as whole tensors). :class:`Gathered` is for updates that cannot be elementwise (the
+authors' dense PEMA, :class:`mage_kernels.AuthorsPEMA`): every rank holds the whole
+``theta*`` and reads the whole ``theta`` each step (a gather), at the memory and
+communication cost that implies.
 
 :func:`full_tensor` and :func:`load_full_` read and write whole adapter tensors
 of a sharded model (they are collectives where the engine shards: every rank
@@ -38,6 +42,8 @@ __all__ = [
     "WholeTensor",
     "DTensorShard",
     "Sharding",
+    "GatheredTensor",
+    "Gathered",
     "full_shape",
     "full_tensor",
     "load_full_",
@@ -260,6 +266,62 @@ class Sharding:
 
     def after_assign(self) -> None:
         """Called on every rank after ``finish_task`` / ``load_state_dict`` wrote ``theta`` (a collective hook)."""
+
+
+class GatheredTensor(LocalPart):
+    """The whole tensor on every rank, however the engine holds it: read gathered, written back to each holder.
+
+    :meth:`theta` is a collective under FSDP2 and ZeRO-3 (every rank calls it, in the same
+    order) and returns a fresh whole copy; :meth:`assign` writes each rank's own part
+    (:func:`load_full_`, DeepSpeed's fp32 master included). Its gradient must be passed
+    whole: engines that shard gradients do not keep a whole one in ``p.grad``.
+    """
+
+    grad_advice = ("the tensor is held whole (Gathered sharding): pass the whole gradients, update(..., "
+                   "grads={name: grad}), e.g. an FSDP2 DTensor grad's full_tensor() or DeepSpeed's "
+                   "deepspeed.utils.safe_get_full_grad(p) between engine.backward() and engine.step()")
+
+    def __init__(self, name: str, param: torch.Tensor) -> None:
+        super().__init__(name, full_shape(param))
+        self.param = param
+
+    @property
+    def local_shape(self) -> torch.Size:
+        return self.shape
+
+    def theta(self) -> torch.Tensor:
+        return full_tensor(self.param)
+
+    def grad(self) -> Optional[torch.Tensor]:
+        if is_dtensor(self.param) or is_deepspeed_param(self.param):
+            return None  # the engine holds the gradient in shards: it must be passed whole
+        return self.param.grad
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        return full
+
+    def assign(self, value: torch.Tensor) -> None:
+        load_full_(self.param, value.reshape(self.shape).to(self.param.dtype))
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        return local
+
+    def localize(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        if is_dtensor(t):
+            t = t.full_tensor()
+        if tuple(t.shape) != tuple(self.shape):
+            raise ValueError(f"{what} of {self.name} has shape {tuple(t.shape)}, expected the whole tensor "
+                             f"{tuple(self.shape)}")
+        return t
+
+
+class Gathered(Sharding):
+    """Whole tensors on every rank under any engine (:class:`GatheredTensor`), for non-elementwise updates."""
+
+    name = "gathered"
+
+    def parts(self, names: Sequence[str], params: Sequence[torch.Tensor]) -> List[LocalPart]:
+        return [GatheredTensor(n, p) for n, p in zip(names, params)]
 
 
 def all_reduce_parts(parts: Sequence[LocalPart], values: torch.Tensor, op: str = "sum") -> torch.Tensor:

@@ -128,6 +128,36 @@ def _checkpoint_roundtrip(model, forward: Callable, ids: torch.Tensor, out: Dict
                                  for n, p in mk.adapter_parameters(model))
 
 
+def _authors_step(model, out: Dict[str, object]) -> None:
+    """The authors' dense PEMA on whole tensors (``Gathered``): one update from values set identically on
+    every engine (theta* snapshot, a moved theta, whole gradients), then ``finish_task``. The dense form
+    amplifies rounding differences about 1e5-fold per step, so it is compared on one step from the
+    same inputs rather than after the engines' own training."""
+    import mage_kernels as mk
+    from mage_kernels.sharding import full_shape, load_full_
+
+    named = list(mk.adapter_parameters(model, trainable_only=True))
+    g = torch.Generator().manual_seed(7)  # the same draws on every rank and in the single process
+    start = {n: 0.05 * torch.randn(full_shape(p), generator=g) for n, p in named}
+    moved = {n: v + 1e-3 * torch.randn(v.shape, generator=g) for n, v in start.items()}
+    grads = {n: 1e-3 * torch.randn(v.shape, generator=g) for n, v in start.items()}
+    for n, p in named:
+        load_full_(p, start[n].to(p.dtype))
+    try:
+        mk.AuthorsPEMA(model)
+        out["authors_default_sharding"] = "accepted"
+    except Exception as exc:  # noqa: BLE001 -- the message is what is checked
+        out["authors_default_sharding"] = f"{type(exc).__name__}: {exc}"
+    authors = mk.AuthorsPEMA(model, sharding=mk.sharding.Gathered())  # theta* <- start
+    for n, p in named:
+        load_full_(p, moved[n].to(p.dtype))
+    out["authors_stats"] = authors.update(grads=grads).as_dict()
+    out["authors_emas"] = [e.clone() for e in authors.emas]
+    out["authors_bytes"] = authors.state_bytes()
+    authors.finish_task()
+    out["authors_after"] = mk.adapter_state_dict(model)
+
+
 def _ema_roundtrip(pema, out: Dict[str, object]) -> None:
     """pema.load_state_dict of whole tensors puts every rank's part back (checked through a fresh gather)."""
     sd = out["pema_state"]
@@ -161,6 +191,7 @@ def single_process() -> Dict[str, object]:
     out = _run(forward, step, fisher, pema, dema, fixed, batches, 0, 1)
     out["grad_norm"] = norms
     _checkpoint_roundtrip(model, forward, batches[STEPS], out)
+    _authors_step(model, out)
     return out
 
 
@@ -192,6 +223,7 @@ def _ddp(rank: int, world: int) -> Dict[str, object]:
     pema.start_task()
     _checkpoint_roundtrip(model, forward, batches[STEPS], out)
     _ema_roundtrip(pema, out)
+    _authors_step(model, out)
     return out
 
 
@@ -225,6 +257,7 @@ def _fsdp(rank: int, world: int) -> Dict[str, object]:
     pema.start_task()
     _checkpoint_roundtrip(model, forward, batches[STEPS], out)
     _ema_roundtrip(pema, out)
+    _authors_step(model, out)
     return out
 
 
@@ -272,6 +305,9 @@ def _zero(stage: int, rank: int, world: int) -> Dict[str, object]:
     pema.start_task()
     _checkpoint_roundtrip(engine.module, forward, batches[STEPS], out, master=safe_get_full_fp32_param)
     _ema_roundtrip(pema, out)
+    _authors_step(engine.module, out)
+    out["authors_master_diff"] = max(float((safe_get_full_fp32_param(p) - out["authors_after"][n].float()).abs().max())
+                                     for n, p in mk.adapter_parameters(engine.module))
     sharding.remove()
     return out
 

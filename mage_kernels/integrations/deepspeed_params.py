@@ -18,7 +18,10 @@ def gather_full(p: torch.Tensor) -> torch.Tensor:
     if not hasattr(p, "ds_id"):
         return p.detach()
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+    if p.ds_status == ZeroParamStatus.AVAILABLE:  # still gathered by a module (e.g. right after a backward):
+        return p.data.detach().clone().view(p.ds_shape)  # releasing it here would break that module
     with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
         return p.data.detach().clone().view(p.ds_shape)
 

@@ -23,10 +23,12 @@ The engines, and what each does with the library (ALGORITHM.md section 7):
   :class:`mage_kernels.integrations.deepspeed.ZeroSharding`.
 
 Under ``fsdp`` and ZeRO-3 every forward is a collective, so evaluation runs in lock-step
-(:attr:`Engine.lockstep`). Methods whose updates need whole tensors or whole gradients on
-every rank (PGP's projection, RegLoRA's and the authors' dense PEMA) are refused under
-``fsdp`` and ``deepspeed`` (:data:`SHARDED_METHODS`), EWC under ZeRO-3
-(:data:`WHOLE_PARAMETER_METHODS`).
+(:attr:`Engine.lockstep`). Every method runs under every engine. Those whose updates need whole
+tensors gather them: PGP projects each whole ``lora_A`` gradient, RegLoRA (under FSDP2 and ZeRO-3)
+and EWC (under ZeRO-3) add their penalty's gradient computed on the gathered parameters, and the
+authors' dense PEMA gathers theta and g every step (:meth:`TaskSteps.full_grad`,
+:meth:`TaskSteps.set_full_grad`, :meth:`TaskSteps.step_grads`). Every rank calls these in the same
+order: they are collectives where the engine shards.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from mage_kernels.sharding import DTensorShard, is_dtensor
+
 from . import distributed
 
-__all__ = ["ENGINES", "SHARDED_METHODS", "WHOLE_PARAMETER_METHODS", "Engine", "TaskSteps", "make_engine", "read_deepspeed_config"]
+__all__ = ["ENGINES", "Engine", "TaskSteps", "make_engine", "read_deepspeed_config"]
 
 #: name -> one line for ``--help``.
 ENGINES: Dict[str, str] = {
@@ -50,17 +54,6 @@ ENGINES: Dict[str, str] = {
     "fsdp": "torch FSDP2 fully_shard per decoder layer: adapters, gradients, optimizer and PEMA state sharded",
     "deepspeed": "DeepSpeed ZeRO 1/2/3 (--deepspeed-config; default stage 2): PEMA on this rank's partitions",
 }
-
-#: Methods that run under ``fsdp`` and ``deepspeed``: their state is the library's (PEMA, DEMA,
-#: LAE's FixedEMA), EWC's F and theta* of this rank's shard, or none (MoELoRA's routers are trained
-#: parameters like the adapters), so every update is shard-local or all-reduced (ALGORITHM.md
-#: section 7).
-SHARDED_METHODS = ("zero-shot", "lora", "moelora", "multitask", "ewc", "ew", "ew-ga", "lae", "mage", "mage-dema",
-                   "cia")
-
-#: Of those, the ones whose penalty reads the parameters themselves between forwards (EWC's anchor): they run
-#: on FSDP2 shards and on ZeRO-1/2 (whole parameters), not on ZeRO-3's partitioned parameters.
-WHOLE_PARAMETER_METHODS = ("ewc",)
 
 #: Keys of a ``--deepspeed-config`` that the driver sets itself from the preset.
 _DRIVER_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -121,10 +114,29 @@ class TaskSteps:
 
     sharding = None
     plain_grads = False
+    #: Whether every rank holds the trainable parameters whole between forwards (DDP, ZeRO-1/2), so a
+    #: penalty on them can join the loss; under FSDP2 and ZeRO-3 a method adds its penalty's gradient
+    #: after the backward instead (:meth:`full_grad` / :meth:`set_full_grad`).
+    whole_params = True
 
     def __init__(self, module: nn.Module, params: List[nn.Parameter]) -> None:
         self.module = module
         self.params = params
+
+    def full_grad(self, p: nn.Parameter) -> Optional[torch.Tensor]:
+        """The whole gradient of ``p`` after the step's last backward, averaged over the ranks, before
+        clipping (a collective where the engine shards it: every rank calls it, in the same order);
+        ``None`` for a parameter the step's loss did not reach."""
+        raise NotImplementedError
+
+    def set_full_grad(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        """Replace the gradient of ``p`` by the whole tensor ``value`` (every rank passes the same one and
+        each writes the part it holds), between the last backward and :meth:`clip`."""
+        raise NotImplementedError
+
+    def step_grads(self, params: List[nn.Parameter]) -> List[Optional[torch.Tensor]]:
+        """The whole gradients the coming optimizer step uses: after :meth:`clip` (the clipped ones)."""
+        return [self.full_grad(p) for p in params]
 
     def accumulate(self, last: bool):
         """Context for one micro-batch's forward and backward; gradients are synced on the ``last``."""
@@ -167,6 +179,20 @@ class _TorchSteps(TaskSteps):
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
+
+    def full_grad(self, p: nn.Parameter) -> Optional[torch.Tensor]:
+        g = p.grad
+        return g.full_tensor() if is_dtensor(g) else g  # FSDP2: the DTensor's shards, gathered
+
+    def set_full_grad(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        g = p.grad
+        if g is None:
+            raise RuntimeError(f"set_full_grad: a parameter of shape {tuple(p.shape)} has no gradient to replace")
+        with torch.no_grad():
+            if is_dtensor(g):
+                g.to_local().copy_(DTensorShard("", p).take(value))
+            elif value is not g:
+                g.copy_(value)
 
     def clip(self) -> None:
         if self.cfg.grad_clip:
@@ -236,7 +262,9 @@ class FSDPEngine(Engine):
         def no_sync(last: bool):
             return _gradient_sync(model, False)
 
-        return _TorchSteps(model, params, cfg, no_sync)
+        steps = _TorchSteps(model, params, cfg, no_sync)
+        steps.whole_params = False
+        return steps
 
     def describe(self) -> Dict[str, object]:
         return {"engine": "fsdp"}
@@ -252,15 +280,38 @@ def _gradient_sync(model, enabled: bool):
 
 
 class _DeepSpeedSteps(TaskSteps):
-    def __init__(self, engine, params) -> None:
+    def __init__(self, engine, params, grad_clip: float) -> None:
         from mage_kernels.integrations.deepspeed import ZeroSharding
 
         super().__init__(engine, params)
         self.engine = engine
         self.sharding = ZeroSharding(engine)
+        self.whole_params = int(engine.zero_optimization_stage()) < 3
+        self.grad_clip = float(grad_clip or 0.0)
 
     def zero_grad(self) -> None:
         pass  # DeepSpeed frees its gradient partitions inside engine.step()
+
+    def full_grad(self, p: nn.Parameter) -> Optional[torch.Tensor]:
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(p)  # from the ZeRO partitions (a collective)
+
+    def set_full_grad(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_grad
+
+        safe_set_full_grad(p, value.to(torch.float32))
+
+    def step_grads(self, params: List[nn.Parameter]) -> List[Optional[torch.Tensor]]:
+        """DeepSpeed clips inside ``engine.step()``: the whole gradients scaled as it will scale them
+        (the global norm over every trainable parameter, torch's ``clip_grad_norm_`` rule)."""
+        grads = {id(p): self.full_grad(p) for p in self.params}
+        if self.grad_clip:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()
+                                                         if g is not None]))
+            coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+            grads = {k: None if g is None else g * coef for k, g in grads.items()}
+        return [grads[id(p)] for p in params]
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -305,7 +356,7 @@ class DeepSpeedEngine(Engine):
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cfg))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
-        self._current = _DeepSpeedSteps(engine, params)
+        self._current = _DeepSpeedSteps(engine, params, cfg.grad_clip)
         return self._current
 
     def finish(self) -> None:

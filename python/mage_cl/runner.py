@@ -39,7 +39,7 @@ import torch
 import mage_kernels as mk
 
 from . import checkpoint, distributed, results
-from .engines import ENGINES, SHARDED_METHODS, WHOLE_PARAMETER_METHODS, Engine, make_engine, read_deepspeed_config
+from .engines import ENGINES, Engine, make_engine, read_deepspeed_config
 from .methods import METHODS, make_method
 from .methods.base import MethodConfig
 from .presets import Preset, get_preset
@@ -136,9 +136,6 @@ def _validate_engine(opts: RunOptions, preset: Preset) -> None:
                          "torchrun --nproc_per_node N -m mage_cl.cli ...")
     if opts.distributed == "ddp":
         return
-    if opts.method not in SHARDED_METHODS:
-        raise UsageError(f"--distributed {opts.distributed} runs {', '.join(SHARDED_METHODS)}; {opts.method} needs "
-                         "whole tensors on every rank (use --distributed ddp)")
     if opts.model_path is not None:
         raise UsageError(f"--distributed {opts.distributed} runs the embedded benchmark only; a --model runs under "
                          "ddp (torchrun without --distributed)")
@@ -151,12 +148,9 @@ def _validate_engine(opts: RunOptions, preset: Preset) -> None:
         if importlib.util.find_spec("deepspeed") is None:
             raise UsageError("--distributed deepspeed needs DeepSpeed: pip install 'mage-kernels[deepspeed]'")
         try:
-            cfg = read_deepspeed_config(opts.deepspeed_config)
+            read_deepspeed_config(opts.deepspeed_config)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        if opts.method in WHOLE_PARAMETER_METHODS and cfg["zero_optimization"]["stage"] == 3:
-            raise UsageError(f"{opts.method} needs whole parameters or FSDP2 shards, and ZeRO-3 partitions them: use "
-                             "ZeRO stage 1 or 2, --distributed fsdp, or ddp")
 
 
 def _engine(opts: RunOptions) -> Engine:

@@ -102,6 +102,7 @@ class Method:
         if self.config.r_total % self.num_adapters:
             raise ValueError(f"total rank {self.config.r_total} is not divisible by {self.num_adapters} adapters")
         self.model: Optional[nn.Module] = None
+        self.steps = None  # the current task's mage_cl.engines.TaskSteps (bind_steps)
 
     # -------------------------------------------------------------- adapters
 
@@ -169,8 +170,11 @@ class Method:
     def bind_steps(self, steps) -> None:
         """The task's :class:`mage_cl.engines.TaskSteps`, after ``before_task``, before the first step.
 
-        Methods with library state take ``steps.sharding`` here (DeepSpeed's partitions).
+        Methods with library state take ``steps.sharding`` here (DeepSpeed's partitions); methods that
+        change gradients read ``self.steps`` (whole gradients under every engine:
+        :meth:`~mage_cl.engines.TaskSteps.full_grad`). Overrides call ``super().bind_steps(steps)``.
         """
+        self.steps = steps
 
     def loss_extra(self, model: nn.Module) -> Optional[torch.Tensor]:
         return None
@@ -235,6 +239,7 @@ class WithTaskEMA:
             self.ema.start_task()
 
     def bind_steps(self, steps) -> None:
+        super().bind_steps(steps)
         self._engine_sharding = steps.sharding is not None
         if self._engine_sharding:
             self.ema.start_task(sharding=steps.sharding)

@@ -12,8 +12,10 @@ to mean 1 makes ``lambda`` independent of the loss scale; it is the one knob.
 
 Under FSDP2 each rank keeps ``F`` and ``theta*`` of its own shard only and adds the penalty of
 that shard (the gradient of a shard's penalty depends on that shard alone); ``state_dict``
-gathers whole tensors. DeepSpeed ZeRO-1/2 keep whole parameters on every rank, as DDP does;
-ZeRO-3's partitioned parameters are refused by the driver (``mage_cl.engines``).
+gathers whole tensors. DeepSpeed ZeRO-1/2 keep whole parameters on every rank, as DDP does.
+Under ZeRO-3 the parameters are partitioned between forwards, so every rank keeps whole ``F`` and
+``theta*`` and adds the penalty's gradient ``lam F (theta - theta*)`` after each backward, on the
+gathered parameters (:meth:`~mage_cl.engines.TaskSteps.set_full_grad`), before clipping.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 import mage_kernels as mk
 
-from mage_kernels.sharding import DTensorShard, LocalPart, WholeTensor, is_dtensor
+from mage_kernels.sharding import DTensorShard, GatheredTensor, LocalPart, WholeTensor, full_tensor, is_dtensor
 
 from .base import Method, batch_loss, tensor_bytes
 
@@ -43,11 +45,11 @@ class EWC(Method):
 
     @staticmethod
     def _part(name: str, p: torch.Tensor) -> LocalPart:
-        """What this rank holds of ``p``: an FSDP2 DTensor's local shard, else the whole tensor (one
-        process, DDP, and DeepSpeed ZeRO-1/2, whose parameters stay whole on every rank)."""
-        if hasattr(p, "ds_id"):  # ZeRO-3 partitions the parameters themselves (the driver refuses it first)
-            raise ValueError(f"EWC needs whole parameters or FSDP2 shards; {name} is partitioned by DeepSpeed "
-                             "ZeRO-3 (use ZeRO stage 1 or 2, fsdp or ddp)")
+        """What this rank keeps of ``p``'s F and theta*: an FSDP2 DTensor's local shard; the whole tensor
+        for a ZeRO-3 partitioned parameter (gathered); else the whole tensor (one process, DDP, and
+        DeepSpeed ZeRO-1/2, whose parameters stay whole on every rank)."""
+        if hasattr(p, "ds_id"):
+            return GatheredTensor(name, p)
         return DTensorShard(name, p) if is_dtensor(p) else WholeTensor(name, p)
 
     @staticmethod
@@ -60,10 +62,22 @@ class EWC(Method):
             return None
         total = None
         for n, p in self.model.named_parameters():
-            if n in self.fisher and p.requires_grad:
+            if n in self.fisher and p.requires_grad and not hasattr(p, "ds_id"):  # ZeRO-3: after_backward
                 term = (self.fisher[n] * (self._local(p) - self.anchor[n]).pow(2)).sum()
                 total = term if total is None else total + term
         return None if total is None else 0.5 * self.lam * total
+
+    def after_backward(self) -> None:
+        """ZeRO-3: the penalty's gradient ``lam F (theta - theta*)`` of each partitioned parameter, on its
+        whole (gathered) value, added to the engine's gradient before clipping and the step."""
+        if not self.fisher:
+            return
+        for n, p in self.model.named_parameters():
+            if n in self.fisher and p.requires_grad and hasattr(p, "ds_id"):
+                g = self.steps.full_grad(p)
+                if g is not None:
+                    pen = self.lam * self.fisher[n] * (full_tensor(p) - self.anchor[n])
+                    self.steps.set_full_grad(p, g + pen.view(g.shape))
 
     def after_task(self, task, train_batches) -> None:
         model = self.model

@@ -12,7 +12,9 @@
   comparison of the two updates).
 * ``mage-authors`` -- EW+GA with PEMA as the authors' code writes it (§6: a dense ``d x d``
   inverse per tensor per step from batch-gradient squares, before the optimizer step, no clamp),
-  a reference for how the elementwise form compares.
+  a reference for how the elementwise form compares. Under FSDP2 / DeepSpeed it gathers every
+  trained tensor and its gradient each step and keeps ``theta*`` whole on every rank
+  (:class:`mage_kernels.sharding.Gathered`): the dense form cannot be shard-local.
 
 ``mage`` also records, per task, how PEMA's ``beta`` behaved: the share of elements where the
 formula's value (not the fallback) was used, and the distribution of ``F * (theta - theta*)``
@@ -180,20 +182,29 @@ class MAGEAuthors(EWGA):
 
     def setup(self, model, prepare=None) -> None:
         super().setup(model, prepare)
-        self.pema = mk.AuthorsPEMA(model, lam=self.lam, fallback=self.fallback)
+        self.pema = None  # made at the first task's bind_steps, once the engine says how it holds the tensors
 
-    def before_task(self, task, task_index: int) -> None:
-        super().before_task(task, task_index)
-        self.pema.start_task()
+    def bind_steps(self, steps) -> None:
+        """The task's start: theta* <- theta. Under FSDP2 / DeepSpeed the dense form needs whole tensors:
+        theta* is kept whole on every rank and theta and g are gathered each step."""
+        super().bind_steps(steps)
+        sharding = mk.sharding.Sharding() if steps.plain_grads else mk.sharding.Gathered()
+        if self.pema is None:
+            self.pema = mk.AuthorsPEMA(self.model, lam=self.lam, fallback=self.fallback, sharding=sharding)
+        else:
+            self.pema.start_task(sharding=sharding)
 
     def before_step(self) -> None:
-        self.pema.update()
+        if self.steps.plain_grads:
+            self.pema.update()
+        else:  # the whole gradients the optimizer will step with (DeepSpeed: clipped as its step clips)
+            self.pema.update(grads=self.steps.step_grads(self.pema.params))
 
     def after_task(self, task, train_batches) -> None:
         self.pema.finish_task()
 
     def state_bytes(self) -> int:
-        return int(mk.persistent_state_bytes(self.pema))
+        return 0 if self.pema is None else int(mk.persistent_state_bytes(self.pema))
 
     def diagnostics(self):
         s = self.pema.stats

@@ -11,7 +11,10 @@ each ``lora_A`` gradient is projected onto the orthogonal complement,
 ``dA <- dA (I - U U^T)``, so ``A x`` stays (to first order) unchanged on old inputs.
 ``lora_B`` is trained freely (an approximation: PGP's prompts have no B). The
 basis is capped at ``max(d_in - r, d_in // 2)`` columns so some plasticity always remains.
-Covariances are summed over ranks, so every rank holds the same basis.
+Covariances are summed over ranks, so every rank holds the same basis. Under FSDP2 and
+DeepSpeed ZeRO the projection needs whole rows of the gradient: each step gathers every
+``lora_A`` gradient (the engine's :meth:`~mage_cl.engines.TaskSteps.full_grad`), projects
+it, and each rank writes its own part back before clipping and the optimizer step.
 """
 
 from __future__ import annotations
@@ -40,13 +43,21 @@ class PGP(Method):
         self.basis: Dict[str, torch.Tensor] = {}  # layer name -> U [d_in, k]
 
     def after_backward(self) -> None:
+        steps = self.steps
         for name, layer in mk.mage_layers(self.model):
             u = self.basis.get(name)
             if u is None:
                 continue
             for a in layer.lora_A:
-                if a.grad is not None:
-                    a.grad.sub_((a.grad @ u) @ u.t())
+                if not a.requires_grad:
+                    continue
+                # whole (gathered under FSDP2 / DeepSpeed), averaged, before clipping; a plain loop: p.grad
+                g = a.grad if steps is None else steps.full_grad(a)
+                if g is None:
+                    continue
+                g.sub_((g @ u) @ u.t())
+                if steps is not None:
+                    steps.set_full_grad(a, g)  # each rank writes its own part back (a no-op for p.grad itself)
 
     @torch.no_grad()
     def after_task(self, task, train_batches) -> None:

@@ -13,15 +13,23 @@ reference. On later tasks
 so the key elements of the earlier tasks' updates are held in place while the rest
 of ``dW`` (and the low-rank factors) stay free. State: one bool mask and one
 reference value per masked element (stored densely here: ``d_out x d_in`` each).
+
+The penalty needs whole ``A`` and ``B``. Where every rank holds them whole between forwards
+(one process, DDP, DeepSpeed ZeRO-1/2) it joins the loss; under FSDP2 and ZeRO-3 each step
+gathers the adapters, differentiates the same penalty on the whole copies and adds that
+gradient to the engine's (:meth:`~mage_cl.engines.TaskSteps.set_full_grad`) before clipping.
+Masks and references are whole on every rank under every engine.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from torch import nn
 
 import mage_kernels as mk
+from mage_kernels.sharding import full_tensor
 
 from .base import Method, tensor_bytes
 
@@ -41,23 +49,57 @@ class RegLoRA(Method):
         self.mask: Dict[str, torch.Tensor] = {}
         self.ref: Dict[str, torch.Tensor] = {}
 
-    def loss_extra(self, model) -> Optional[torch.Tensor]:
-        if not self.mask:
-            return None
+    def _penalty(self, weights: Callable[[nn.Module], Tuple[torch.Tensor, torch.Tensor]]) -> Optional[torch.Tensor]:
+        """``lam * sum (dW - dW_ref)^2`` over the masked elements, ``dW = s B A`` from ``weights(layer) = (A, B)``."""
         total = None
         for name, layer in mk.mage_layers(self.model):
             m = self.mask.get(name)
             if m is None:
                 continue
-            diff = (layer.delta_weight() - self.ref[name])[m]
+            a, b = weights(layer)
+            diff = (layer.scaling * (b @ a) - self.ref[name])[m]
             term = diff.pow(2).sum()
             total = term if total is None else total + term
         return None if total is None else self.lam * total
 
+    def _in_loss(self) -> bool:
+        return self.steps is None or self.steps.whole_params
+
+    def loss_extra(self, model) -> Optional[torch.Tensor]:
+        if not self.mask or not self._in_loss():
+            return None
+        return self._penalty(lambda layer: layer.lora_weights())
+
+    def after_backward(self) -> None:
+        """FSDP2 / ZeRO-3: the penalty's gradient on whole (gathered) copies, added to the engine's gradients."""
+        if not self.mask or self._in_loss():
+            return
+        leaves: Dict[int, Tuple[nn.Parameter, torch.Tensor]] = {}
+
+        def whole(p):
+            leaves[id(p)] = (p, full_tensor(p).clone().requires_grad_(p.requires_grad))
+            return leaves[id(p)][1]
+
+        def weights(layer):
+            return (torch.cat([whole(p) for p in layer.lora_A], 0), torch.cat([whole(p) for p in layer.lora_B], 1))
+
+        with torch.enable_grad():
+            total = self._penalty(weights)
+        if total is None:
+            return
+        pairs = [(p, leaf) for p, leaf in leaves.values() if p.requires_grad]
+        grads = torch.autograd.grad(total, [leaf for _, leaf in pairs], allow_unused=True)
+        for (p, _), g in zip(pairs, grads):
+            base = self.steps.full_grad(p)
+            if base is not None and g is not None:
+                self.steps.set_full_grad(p, base + g)
+
     @torch.no_grad()
     def after_task(self, task, train_batches) -> None:
         for name, layer in mk.mage_layers(self.model):
-            dw = layer.delta_weight()
+            a = torch.cat([full_tensor(p) for p in layer.lora_A], 0)  # whole tensors under every engine
+            b = torch.cat([full_tensor(p) for p in layer.lora_B], 1)
+            dw = layer.scaling * (b @ a)
             k = max(1, int(round(self.top_fraction * dw.numel())))
             thresh = dw.abs().flatten().kthvalue(dw.numel() - k + 1).values
             new = dw.abs() >= thresh
