@@ -78,7 +78,7 @@ def _narrow_gpu_autotune():
 #: the other: two ``torchrun --standalone`` launchers at once can pick the same free port, and
 #: each launch already keeps two cores busy. Every other module is its own group (its
 #: module-scoped fixtures are built once).
-MULTIPROCESS_MODULES = frozenset({"test_distributed", "test_engines", "test_fisher", "test_scale",
+MULTIPROCESS_MODULES = frozenset({"test_distributed", "test_engines", "test_engines_backbones", "test_fisher", "test_scale",
                                   "test_scale_readme", "test_trainer_callback"})
 
 

@@ -42,6 +42,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+import mage_kernels as mk
 from mage_kernels.sharding import DTensorShard, is_dtensor
 
 from . import distributed
@@ -245,8 +246,17 @@ def decoder_layers(model: nn.Module) -> List[nn.Module]:
 
 
 class FSDPEngine(Engine):
+    """FSDP2. ``shard_root``: also shard what lies outside the decoder layers (the embedded benchmark's
+    embeddings and head). A real backbone calls its frozen towers (image encoders, VQ models) outside
+    the root's forward, where a sharded root's parameters would stay DTensor shards, so there only the
+    decoder layers that hold adapters are sharded and the rest stays whole (frozen) on every rank
+    (the root is still wrapped, with its own parameters ignored, so that it drives the backward)."""
+
     name = "fsdp"
     lockstep = True
+
+    def __init__(self, shard_root: bool = True) -> None:
+        self.shard_root = shard_root
 
     def prepare(self, model: nn.Module) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -254,9 +264,18 @@ class FSDPEngine(Engine):
 
         dev = next(model.parameters()).device
         mesh = init_device_mesh(dev.type, (distributed.world_size(),))
-        for layer in decoder_layers(model):
+        layers = decoder_layers(model)
+        if not self.shard_root:
+            layers = [m for m in layers if any(isinstance(c, mk.MageLinear) for c in m.modules())]
+            if not layers:
+                raise ValueError(f"{type(model).__name__} has no *DecoderLayer holding adapters to shard with FSDP2")
+        for layer in layers:
             fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        if self.shard_root:
+            fully_shard(model, mesh=mesh)
+        else:  # the root still drives the backward's gradient reduction, but holds its own parameters whole
+            inside = {id(p) for layer in layers for p in layer.parameters()}
+            fully_shard(model, mesh=mesh, ignored_params={p for p in model.parameters() if id(p) not in inside})
 
     def begin_task(self, model, params, cfg) -> TaskSteps:
         def no_sync(last: bool):
@@ -368,12 +387,12 @@ class DeepSpeedEngine(Engine):
         return {"engine": "deepspeed", "deepspeed_config": self.config}
 
 
-def make_engine(name: str, deepspeed_config: Optional[Dict[str, object]] = None) -> Engine:
-    """The engine called ``name`` (one of :data:`ENGINES`)."""
+def make_engine(name: str, deepspeed_config: Optional[Dict[str, object]] = None, shard_root: bool = True) -> Engine:
+    """The engine called ``name`` (one of :data:`ENGINES`); ``shard_root`` see :class:`FSDPEngine`."""
     if name == "ddp":
         return Engine()
     if name == "fsdp":
-        return FSDPEngine()
+        return FSDPEngine(shard_root)
     if name == "deepspeed":
         return DeepSpeedEngine(deepspeed_config or read_deepspeed_config(None))
     raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")

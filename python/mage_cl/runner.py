@@ -136,9 +136,6 @@ def _validate_engine(opts: RunOptions, preset: Preset) -> None:
                          "torchrun --nproc_per_node N -m mage_cl.cli ...")
     if opts.distributed == "ddp":
         return
-    if opts.model_path is not None:
-        raise UsageError(f"--distributed {opts.distributed} runs the embedded benchmark only; a --model runs under "
-                         "ddp (torchrun without --distributed)")
     if opts.max_batch_tokens is not None:
         # ranks would split their shares into different numbers of micro-batches, and under FSDP2 /
         # DeepSpeed every micro-batch's forward and backward is a collective
@@ -148,14 +145,19 @@ def _validate_engine(opts: RunOptions, preset: Preset) -> None:
         if importlib.util.find_spec("deepspeed") is None:
             raise UsageError("--distributed deepspeed needs DeepSpeed: pip install 'mage-kernels[deepspeed]'")
         try:
-            read_deepspeed_config(opts.deepspeed_config)
+            cfg = read_deepspeed_config(opts.deepspeed_config)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        if opts.model_path is not None and cfg["zero_optimization"]["stage"] == 3:
+            # ZeRO-3 partitions the frozen towers too, and the backbones call them (image encoding, the
+            # judge's image decoding) a different number of times on each rank
+            raise UsageError("a --model runs under ZeRO stage 1 or 2, --distributed fsdp or ddp; ZeRO-3 runs the "
+                             "embedded benchmark only")
 
 
 def _engine(opts: RunOptions) -> Engine:
     return make_engine(opts.distributed or "ddp", read_deepspeed_config(opts.deepspeed_config)
-                       if opts.distributed == "deepspeed" else None)
+                       if opts.distributed == "deepspeed" else None, shard_root=opts.model_path is None)
 
 
 def _validate_model_options(opts: RunOptions) -> None:

@@ -34,6 +34,7 @@ from torch import nn
 
 import mage_kernels as mk
 
+from .. import distributed
 from .base import (IMAGE_SLOT, TARGET_IMAGE_SLOT, LRU, Backbone, BackboneError, BackboneOptions, check_image,
                    iter_left_padded, model_cache)
 
@@ -438,8 +439,11 @@ class HFBackbone(Backbone):
 
     @torch.no_grad()
     def _greedy_text(self, model: nn.Module, prompts: List[List[int]], pixels: List[torch.Tensor],
-                     max_new_tokens: int) -> List[List[int]]:
-        """Greedy text until EOS (excluded) or the image-start token (included, then stop)."""
+                     max_new_tokens: int, lockstep: bool = False) -> List[List[int]]:
+        """Greedy text until EOS (excluded) or the image-start token (included, then stop).
+
+        ``lockstep`` (FSDP2: every decoder layer's forward is a collective): stop only when every
+        rank's rows are done."""
         dev = next(model.parameters()).device
         ids, att, pos = iter_left_padded(prompts, self.pad_id, dev)
         B = len(prompts)
@@ -456,7 +460,7 @@ class HFBackbone(Backbone):
             nxt = torch.where(done, torch.full_like(nxt, self.eos_id), nxt)
             gen.append(nxt)
             done |= torch.isin(nxt, stop_ids)
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1 or (distributed.all_true(bool(done.all())) if lockstep else bool(done.all())):
                 break
             att = torch.cat([att, torch.ones((B, 1), dtype=att.dtype, device=dev)], 1)
             last_pos = last_pos + 1
@@ -524,7 +528,14 @@ class HFBackbone(Backbone):
         body = torch.stack(gen, 1).tolist() if gen else [[] for _ in range(R)]
         return [[start] + row for row in body]
 
-    def generate(self, model: nn.Module, examples: Sequence[Any], task: Any) -> List[List[int]]:
+    #: Generation can run in lock-step across ranks (FSDP2 evaluation, :func:`mage_cl.trainer.evaluate`).
+    lockstep = True
+
+    def generate(self, model: nn.Module, examples: Sequence[Any], task: Any, lockstep: bool = False
+                 ) -> List[List[int]]:
+        """Greedy answers; ``lockstep``: every rank runs the same forwards (the text loop ends when all
+        ranks are done, and image generation runs on every rank when any rank needs it; a rank with no
+        image to make generates one for its first prompt and drops it)."""
         self._decoder_model = model
         rows, _ = self._expand_all(model, examples, False)
         prompts = [p for p, _ in rows]
@@ -533,12 +544,15 @@ class HFBackbone(Backbone):
         image_task = getattr(task, "output", "text") == "image"
         limit = self.options.max_text_answer if image_task else int(task.max_new_tokens)
         with self.autocast(model):
-            outs = self._greedy_text(model, prompts, flat, limit)
+            outs = self._greedy_text(model, prompts, flat, limit, lockstep)
             if not image_task or not self.writes_images:
                 return outs
             want = [i for i, o in enumerate(outs) if o == [self.image_start_id]]
-            if want:
-                imgs = self._generate_images(model, [prompts[i] for i in want], [pixels[i] for i in want])
+            run = want
+            if lockstep and not distributed.all_true(not want) and not want:  # a collective: every rank calls it
+                run = [0]
+            if run:
+                imgs = self._generate_images(model, [prompts[i] for i in run], [pixels[i] for i in run])
                 for i, img in zip(want, imgs):
                     outs[i] = img
         return outs
