@@ -106,10 +106,10 @@ def _force_image_answers(monkeypatch):
 
     orig = HFBackbone._greedy_text
 
-    def greedy(self, model, prompts, pixels, max_new_tokens):
+    def greedy(self, model, prompts, pixels, max_new_tokens, lockstep=False):
         if max_new_tokens == self.options.max_text_answer:
             return [[self.image_start_id] for _ in prompts]
-        return orig(self, model, prompts, pixels, max_new_tokens)
+        return orig(self, model, prompts, pixels, max_new_tokens, lockstep)
 
     monkeypatch.setattr(HFBackbone, "_greedy_text", greedy)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mage_kernels as mk
+from mage_cl.engines import Engine
 from mage_cl.methods import METHODS, MoELoRALinear, make_method
 from mage_cl.methods.base import batch_loss
 from mage_cl.trainer import TrainConfig, collate, train_task
@@ -241,6 +242,8 @@ def test_mage_variants_state_dema_keeps_two_buffers_authors_one():
     for m in (dema, authors):
         m.before_task(tasks["draw"], 0)
         assert all(l.trainable_adapters() == [0, 3] for _, l in mk.mage_layers(m.model))  # EW+GA's freezing
+    assert authors.state_bytes() == 0  # its theta* is made when the task's steps are bound (the engine is known)
+    authors.bind_steps(Engine().begin_task(authors.model, authors.trainable_parameters(), TrainConfig()))
     trained = sum(p.numel() * p.element_size() for _, p in dema.named_trainable())
     assert dema.state_bytes() == 2 * trained
     assert authors.state_bytes() == sum(p.numel() * p.element_size() for _, p in authors.named_trainable())
