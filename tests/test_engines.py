@@ -63,11 +63,11 @@ def _zero3_config(root: Path) -> str:
 
 
 OTHERS = ("zero-shot", "lora", "moelora", "multitask", "ew", "ew-ga", "lae", "mage-dema", "cia")  # shard-local or stateless
-FSDP_METHODS = "mage,moelora,lae,ewc"  # the methods whose own state or parameters FSDP2 shards
+FSDP_METHODS = "mage,moelora,lae,ewc,pgp"  # what FSDP2 shards (routers, EMA, F), and PGP: a gathering method resumed
 #: The methods that need whole gradients or parameters, which the sharded engines gather for them each step
 #: (PGP's projection, RegLoRA's and ZeRO-3 EWC's penalty gradients, the authors' dense PEMA). They run in the
 #: resumed launch only (from the start: their state's resume is the engine-independent whole-tensor state).
-GATHERING = {"zero3": ("ewc", "pgp", "reglora", "mage-authors"), "fsdp": ("pgp", "reglora", "mage-authors"),
+GATHERING = {"zero3": ("ewc", "pgp", "reglora", "mage-authors"), "fsdp": ("reglora", "mage-authors"),
              "zero2": ("pgp", "reglora")}
 
 

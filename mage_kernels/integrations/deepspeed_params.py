@@ -20,8 +20,11 @@ def gather_full(p: torch.Tensor) -> torch.Tensor:
     import deepspeed
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    if p.ds_status == ZeroParamStatus.AVAILABLE:  # still gathered by a module (e.g. right after a backward):
-        return p.data.detach().clone().view(p.ds_shape)  # releasing it here would break that module
+    # Still gathered by a module (e.g. right after a backward): releasing it here would break that module.
+    # The status is the same on every rank (the ranks run the same modules in the same order), so every
+    # rank skips the collective below together.
+    if p.ds_status == ZeroParamStatus.AVAILABLE:
+        return p.data.detach().clone().view(p.ds_shape)
     with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
         return p.data.detach().clone().view(p.ds_shape)
 

@@ -125,9 +125,10 @@ class TaskSteps:
         self.params = params
 
     def full_grad(self, p: nn.Parameter) -> Optional[torch.Tensor]:
-        """The whole gradient of ``p`` after the step's last backward, averaged over the ranks, before
-        clipping (a collective where the engine shards it: every rank calls it, in the same order);
-        ``None`` for a parameter the step's loss did not reach."""
+        """The whole gradient of ``p`` as it stands (after the step's last backward: averaged over the ranks;
+        clipped only once :meth:`clip` ran, and never under DeepSpeed, which clips inside its step). A
+        collective where the engine shards it: every rank calls it, in the same order. ``None`` for a
+        parameter the step's loss did not reach."""
         raise NotImplementedError
 
     def set_full_grad(self, p: nn.Parameter, value: torch.Tensor) -> None:
@@ -269,12 +270,16 @@ class FSDPEngine(Engine):
             layers = [m for m in layers if any(isinstance(c, mk.MageLinear) for c in m.modules())]
             if not layers:
                 raise ValueError(f"{type(model).__name__} has no *DecoderLayer holding adapters to shard with FSDP2")
+            inside = {id(p) for layer in layers for p in layer.parameters()}
+            outside = [n for n, p in mk.adapter_parameters(model) if id(p) not in inside]
+            if outside:  # the root ignores its own parameters: their gradients would never be reduced
+                raise ValueError(f"--distributed fsdp shards the decoder layers only, and {len(outside)} adapter "
+                                 f"tensor(s) lie outside them (e.g. {outside[0]}): use ddp or DeepSpeed ZeRO-1/2")
         for layer in layers:
             fully_shard(layer, mesh=mesh)
         if self.shard_root:
             fully_shard(model, mesh=mesh)
         else:  # the root still drives the backward's gradient reduction, but holds its own parameters whole
-            inside = {id(p) for layer in layers for p in layer.parameters()}
             fully_shard(model, mesh=mesh, ignored_params={p for p in model.parameters() if id(p) not in inside})
 
     def begin_task(self, model, params, cfg) -> TaskSteps:
@@ -323,9 +328,11 @@ class _DeepSpeedSteps(TaskSteps):
 
     def step_grads(self, params: List[nn.Parameter]) -> List[Optional[torch.Tensor]]:
         """DeepSpeed clips inside ``engine.step()``: the whole gradients scaled as it will scale them
-        (the global norm over every trainable parameter, torch's ``clip_grad_norm_`` rule)."""
+        (torch's ``clip_grad_norm_`` rule over the global norm). The norm needs every parameter the
+        engine's optimizer holds -- ``self.params``, the task's trainable adapters, all given to AdamW --
+        so all of them are gathered even when ``params`` is a subset."""
         grads = {id(p): self.full_grad(p) for p in self.params}
-        if self.grad_clip:
+        if self.grad_clip and any(g is not None for g in grads.values()):
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()
                                                          if g is not None]))
             coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
