@@ -195,10 +195,8 @@ class MAGEAuthors(EWGA):
             self.pema.start_task(sharding=sharding)
 
     def before_step(self) -> None:
-        if self.steps.plain_grads:
-            self.pema.update()
-        else:  # the whole gradients the optimizer will step with (DeepSpeed: clipped as its step clips)
-            self.pema.update(grads=self.steps.step_grads(self.pema.params))
+        # the whole gradients the optimizer will step with (p.grad under DDP; DeepSpeed: clipped as its step clips)
+        self.pema.update(grads=self.steps.step_grads(self.pema.params))
 
     def after_task(self, task, train_batches) -> None:
         self.pema.finish_task()

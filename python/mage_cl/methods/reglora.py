@@ -36,6 +36,11 @@ from .base import Method, tensor_bytes
 __all__ = ["RegLoRA"]
 
 
+def _factors(layer, whole: Callable[[nn.Parameter], torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``layer.lora_weights()`` -- the concatenated ``(A, B)`` -- made of ``whole(p)`` for each adapter tensor."""
+    return torch.cat([whole(p) for p in layer.lora_A], 0), torch.cat([whole(p) for p in layer.lora_B], 1)
+
+
 class RegLoRA(Method):
     name = "reglora"
     summary = "RegLoRA: regularizes the largest elements of earlier tasks' LoRA updates"
@@ -76,15 +81,12 @@ class RegLoRA(Method):
             return
         leaves: Dict[int, Tuple[nn.Parameter, torch.Tensor]] = {}
 
-        def whole(p):
+        def leaf(p):
             leaves[id(p)] = (p, full_tensor(p).clone().requires_grad_(p.requires_grad))
             return leaves[id(p)][1]
 
-        def weights(layer):
-            return (torch.cat([whole(p) for p in layer.lora_A], 0), torch.cat([whole(p) for p in layer.lora_B], 1))
-
         with torch.enable_grad():
-            total = self._penalty(weights)
+            total = self._penalty(lambda layer: _factors(layer, leaf))
         if total is None:
             return
         pairs = [(p, leaf) for p, leaf in leaves.values() if p.requires_grad]
@@ -97,8 +99,7 @@ class RegLoRA(Method):
     @torch.no_grad()
     def after_task(self, task, train_batches) -> None:
         for name, layer in mk.mage_layers(self.model):
-            a = torch.cat([full_tensor(p) for p in layer.lora_A], 0)  # whole tensors under every engine
-            b = torch.cat([full_tensor(p) for p in layer.lora_B], 1)
+            a, b = _factors(layer, full_tensor)  # whole tensors under every engine
             dw = layer.scaling * (b @ a)
             k = max(1, int(round(self.top_fraction * dw.numel())))
             thresh = dw.abs().flatten().kthvalue(dw.numel() - k + 1).values
