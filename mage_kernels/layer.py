@@ -16,7 +16,8 @@ training forward draws a fresh int64 seed from torch's generator of the input's
 device (reproducible under ``torch.manual_seed``), the kernels generate the mask
 from it (Philox) and the backward regenerates it; ``mk.dropout_mask(x.shape, p,
 seed)`` returns the mask of a seed. The ``torch`` backend draws its mask from a
-``torch.Generator`` with the same seed: same semantics, different bits.
+``torch.Generator`` with the same seed (same semantics, different bits) once per forward and
+keeps it for the backward (1 byte per element).
 """
 
 from __future__ import annotations

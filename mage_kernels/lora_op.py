@@ -8,7 +8,9 @@ fisher_b, fisher_count, token_weight, num_samples, fisher_scale, dropout_p, drop
     (saved for the backward). ``x`` is 2-D ``[M, K]``; ``x_lora`` (``None``: ``x``) is the
     adapters' input; with ``dropout_p > 0`` the adapters see ``drop(x_lora)``, its mask
     generated from the int64 ``dropout_seed`` inside the kernels and regenerated in
-    the backward (never stored).
+    the backward (never stored). (:func:`lora_linear` on the torch path applies the dropout
+    before the op instead, with the mask of ``torch.ops.mage.dropout_keep_mask``, and calls the
+    op with ``dropout_p = 0``.)
 
 ``torch.ops.mage.lora_linear_backward(...) -> (dx, dx_lora, dA, dB)``
     ``dx`` always, ``dA``/``dB`` only for the rows/columns in ``trainable_rows``
@@ -527,7 +529,8 @@ def lora_linear(
             all adapters: ``drop(x)[m, k] = keep(m, k) * x[m, k] / (1 - p)``, the mask a
             function of the int64 ``[1]`` seed (:func:`new_dropout_seed`) and the element's
             index, generated inside the kernels and regenerated in the backward. The
-            Triton kernels (Philox) and the torch backend (``torch.Generator``) draw
+            torch path draws it once and keeps it for the backward (1 byte per element).
+            The Triton kernels (Philox) and the torch backend (``torch.Generator``) draw
             different masks for one seed (same distribution); see
             ``mage_kernels.dropout_mask`` for the mask a call used.
     """
@@ -543,11 +546,32 @@ def lora_linear(
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1); got {dropout_p}")
     if p and dropout_seed is None:
         raise ValueError("lora_linear: dropout_p > 0 needs a dropout_seed (mage_kernels.lora_op.new_dropout_seed)")
+    if p and lora_linear_path(x2.device, x2.dtype).path == "torch":
+        # The torch path draws its mask once and keeps it (1 byte per element) for the backward,
+        # which autograd gives through torch.where; regenerating it there, as the kernels do
+        # in registers, would draw every uniform twice (on a CPU most of a small layer's cost).
+        src = x2 if xl2 is None else xl2
+        keep = torch.ops.mage.dropout_keep_mask(dropout_seed, src.shape[0], src.shape[1], p)
+        xl2, p = reference.dropout(src, p, dropout_seed, keep), 0.0
     y, _ = torch.ops.mage.lora_linear(
         x2, weight, bias, lora_a, lora_b, float(scaling), xl2, rows,
         fisher_a, fisher_b, fisher_count, tw, num_samples, float(fisher_scale), p, dropout_seed if p else None,
     )
     return y.reshape(*lead, lora_b.shape[0])
+
+
+@torch.library.custom_op("mage::dropout_keep_mask", mutates_args=())
+def _dropout_keep_mask_op(seed: torch.Tensor, m: int, k: int, p: float) -> torch.Tensor:
+    """The torch path's ``[m, k]`` bool keep-mask of ``seed`` (:func:`mage_kernels.reference.dropout_keep_mask`).
+
+    An op of its own so that ``torch.compile`` treats the seeded ``torch.Generator`` as opaque.
+    """
+    return reference.dropout_keep_mask(m, k, p, seed)
+
+
+@_dropout_keep_mask_op.register_fake
+def _(seed, m, k, p):
+    return torch.empty((m, k), dtype=torch.bool, device=seed.device)
 
 
 def dropout_mask(shape: Sequence[int], p: float, seed: torch.Tensor, path: Optional[str] = None) -> torch.Tensor:
@@ -556,7 +580,8 @@ def dropout_mask(shape: Sequence[int], p: float, seed: torch.Tensor, path: Optio
     ``shape`` is the adapters' input shape (``[..., K]``; the mask is of its 2-D view
     ``[M, K]``). ``path`` defaults to the one :func:`lora_linear_path` picks now: the
     Triton paths' Philox mask, or the torch backend's generator mask. For tests and
-    references; the library never materializes it.
+    references; the Triton/cuBLAS paths never materialize it (the torch path keeps the same
+    mask for its backward).
     """
     shape = tuple(int(s) for s in shape)
     k = shape[-1] if shape else 1

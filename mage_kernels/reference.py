@@ -62,8 +62,9 @@ def dropout_keep_mask(m: int, k: int, p: float, seed: torch.Tensor) -> torch.Ten
     """The ``torch`` backend's ``[m, k]`` bool keep-mask for the int64 ``seed`` (ALGORITHM.md §1).
 
     ``keep = U >= p`` with ``U`` float32 uniforms drawn by a ``torch.Generator`` of the
-    seed's device seeded with ``seed``: the same seed gives the same mask (the
-    backward regenerates it; nothing is stored), kept fraction ``1 - p``. The Triton
+    seed's device seeded with ``seed``: the same seed gives the same mask, kept
+    fraction ``1 - p`` (:func:`mage_kernels.lora_linear` draws it once per forward and keeps it
+    for the backward). The Triton
     kernels draw their mask from the same seed with Philox in the kernel
     (:mod:`mage_kernels.kernels.dropout`): same semantics and distribution, but NOT
     the same bits, so the two backends drop different elements for one seed.

@@ -216,6 +216,78 @@ def test_torch_backend_dropout_mask_is_reproducible_from_the_seed():
     assert torch.equal(a, b) and 0.7 < a.double().mean().item() < 0.9
 
 
+def _torch_path_step(fn, separate: bool, fisher: bool):
+    """y, dx (and dx_lora), dA, dB and the Fisher of one dropout step of ``fn`` on the torch path."""
+    g = torch.Generator().manual_seed(7)
+    n, t, k, o, r = 3, 5, 12, 10, 8
+    x = torch.randn(n, t, k, generator=g, requires_grad=True)
+    xl = torch.randn(n, t, k, generator=g, requires_grad=True) if separate else None
+    w, a = torch.randn(o, k, generator=g), torch.randn(r, k, generator=g, requires_grad=True)
+    b = torch.randn(o, r, generator=g, requires_grad=True)
+    fa, fb = (torch.zeros(r, k), torch.zeros(o, r)) if fisher else (None, None)
+    seed = torch.tensor([123456789], dtype=torch.int64)
+    y = fn(x, w, a, b, xl, fa, fb, seed)
+    y.backward(torch.randn(y.shape, generator=g))
+    out = [y.detach(), x.grad, a.grad, b.grad] + ([xl.grad] if separate else []) + ([fa, fb] if fisher else [])
+    return out
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["x", "separate_x_lora"])
+@pytest.mark.parametrize("fisher", [False, True], ids=["no_fisher", "fisher"])
+def test_torch_path_draws_its_mask_once_and_equals_the_op_regenerating_it(separate, fisher, monkeypatch):
+    """``lora_linear`` on the torch path draws the mask once and keeps it for the backward; the op
+    called directly with ``dropout_p`` regenerates it there: bit for bit the same step."""
+    p = 0.3
+
+    def public(x, w, a, b, xl, fa, fb, seed):
+        return lora_linear(x, w, None, a, b, 0.5, x_lora=xl, fisher_a=fa, fisher_b=fb, fisher_scale=3.0,
+                           dropout_p=p, dropout_seed=seed)
+
+    def raw_op(x, w, a, b, xl, fa, fb, seed):
+        k = x.shape[-1]
+        y, _ = torch.ops.mage.lora_linear(
+            x.reshape(-1, k), w, None, a, b, 0.5, None if xl is None else xl.reshape(-1, k),
+            list(range(a.shape[0])), fa, fb, None, None, x.shape[0], 3.0, p, seed)
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    draws = []
+    real = reference.dropout_keep_mask
+    monkeypatch.setattr(reference, "dropout_keep_mask", lambda *args: draws.append(args) or real(*args))
+    with on_path("torch"):
+        got = _torch_path_step(public, separate, fisher)
+        assert len(draws) == 1, f"the torch path drew {len(draws)} masks for one forward and backward"
+        expected = _torch_path_step(raw_op, separate, fisher)
+    assert len(draws) == 3  # the op itself draws it in the forward and again in the backward
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert torch.equal(a, b), f"output {i} differs (max {float((a - b).abs().max()):.3g})"
+    assert got[2].abs().sum() > 0 and (fisher is False or got[-2].abs().sum() > 0)
+
+
+def test_torch_path_dropout_compiles_without_graph_breaks():
+    """The torch path's mask op is opaque to ``torch.compile``: one graph, the eager values."""
+    p = 0.25
+
+    def step(x, w, a, b, seed):
+        return lora_linear(x, w, None, a, b, 2.0, dropout_p=p, dropout_seed=seed).square().sum()
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 6, 16, generator=g), torch.randn(12, 16, generator=g)
+    a0, b0 = torch.randn(4, 16, generator=g), torch.randn(12, 4, generator=g)
+    seed = torch.tensor([98765], dtype=torch.int64)
+    grads = []
+    with on_path("torch"):
+        for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+            a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+            loss = fn(x, w, a, b, seed)
+            loss.backward()
+            grads.append((loss.detach(), a.grad, b.grad))
+        explanation = torch._dynamo.explain(step)(x, w, a0, b0, seed)
+    assert explanation.graph_break_count == 0
+    for e, c in zip(*grads):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+    assert grads[0][1].abs().sum() > 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_op_float16(backend, device):
     problem = Problem(True, device, dtype=torch.float16)
