@@ -61,7 +61,7 @@ PRESETS: Dict[str, Preset] = {
                     consolidate_batches=8),
         cpu_threads=1,
         description="the committed CPU comparison (bench/results/cl_cpu_v4/): the tasks are partly learned; "
-                    "5-6.5 min per method on one idle core",
+                    "4.6-5.5 min per method on one idle core",
     ),
     "gpu": Preset(
         "gpu",
