@@ -16,8 +16,9 @@ training forward draws a fresh int64 seed from torch's generator of the input's
 device (reproducible under ``torch.manual_seed``), the kernels generate the mask
 from it (Philox) and the backward regenerates it; ``mk.dropout_mask(x.shape, p,
 seed)`` returns the mask of a seed. The ``torch`` backend draws its mask from a
-``torch.Generator`` with the same seed (same semantics, different bits) once per forward and
-keeps it for the backward (1 byte per element).
+``torch.Generator`` with the same seed (same semantics, different bits); on a CPU it draws it
+once per forward and keeps it for the backward, with the dropped input (1 byte plus one input
+element per element of the layer's input).
 """
 
 from __future__ import annotations

@@ -226,6 +226,9 @@ class _Torch:
     def backward_mask(m, k, p, seed):
         """The keep-mask, drawn ONCE per backward and shared by the input and weight gradients.
 
+        Reached when the op itself gets ``dropout_p > 0``: a direct op call, or a CUDA tensor on
+        the torch path (:func:`lora_linear` on a CPU applies the dropout before the op).
+
         Drawing it is most of a small layer's cost on a CPU (``torch.rand`` is about 3 ns per
         element, the GEMMs of a rank-32 adapter far less); the kernels of the other paths
         regenerate it in registers instead.
@@ -529,7 +532,8 @@ def lora_linear(
             all adapters: ``drop(x)[m, k] = keep(m, k) * x[m, k] / (1 - p)``, the mask a
             function of the int64 ``[1]`` seed (:func:`new_dropout_seed`) and the element's
             index, generated inside the kernels and regenerated in the backward. The
-            torch path draws it once and keeps it for the backward (1 byte per element).
+            torch path on a CPU draws it once and keeps it for the backward, with the
+            dropped input (1 byte plus one input element per element).
             The Triton kernels (Philox) and the torch backend (``torch.Generator``) draw
             different masks for one seed (same distribution); see
             ``mage_kernels.dropout_mask`` for the mask a call used.
@@ -546,10 +550,12 @@ def lora_linear(
         raise ValueError(f"lora_linear: dropout_p must be in [0, 1); got {dropout_p}")
     if p and dropout_seed is None:
         raise ValueError("lora_linear: dropout_p > 0 needs a dropout_seed (mage_kernels.lora_op.new_dropout_seed)")
-    if p and lora_linear_path(x2.device, x2.dtype).path == "torch":
-        # The torch path draws its mask once and keeps it (1 byte per element) for the backward,
-        # which autograd gives through torch.where; regenerating it there, as the kernels do
-        # in registers, would draw every uniform twice (on a CPU most of a small layer's cost).
+    if p and x2.device.type == "cpu" and lora_linear_path(x2.device, x2.dtype).path == "torch":
+        # On a CPU the torch path draws its mask once and keeps it for the backward (autograd,
+        # through torch.where: the bool mask and the dropped input); regenerating it there, as
+        # the kernels do in registers, would draw every uniform twice (most of a small layer's
+        # cost on a CPU). Elsewhere (a CUDA tensor on the torch path) the op regenerates it, and
+        # the path rule stays inside the op under torch.compile.
         src = x2 if xl2 is None else xl2
         keep = torch.ops.mage.dropout_keep_mask(dropout_seed, src.shape[0], src.shape[1], p)
         xl2, p = reference.dropout(src, p, dropout_seed, keep), 0.0
@@ -580,8 +586,8 @@ def dropout_mask(shape: Sequence[int], p: float, seed: torch.Tensor, path: Optio
     ``shape`` is the adapters' input shape (``[..., K]``; the mask is of its 2-D view
     ``[M, K]``). ``path`` defaults to the one :func:`lora_linear_path` picks now: the
     Triton paths' Philox mask, or the torch backend's generator mask. For tests and
-    references; the Triton/cuBLAS paths never materialize it (the torch path keeps the same
-    mask for its backward).
+    references; the Triton/cuBLAS paths never materialize it (the torch path on a CPU keeps the
+    same mask for its backward).
     """
     shape = tuple(int(s) for s in shape)
     k = shape[-1] if shape else 1

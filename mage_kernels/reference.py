@@ -63,8 +63,8 @@ def dropout_keep_mask(m: int, k: int, p: float, seed: torch.Tensor) -> torch.Ten
 
     ``keep = U >= p`` with ``U`` float32 uniforms drawn by a ``torch.Generator`` of the
     seed's device seeded with ``seed``: the same seed gives the same mask, kept
-    fraction ``1 - p`` (:func:`mage_kernels.lora_linear` draws it once per forward and keeps it
-    for the backward). The Triton
+    fraction ``1 - p`` (:func:`mage_kernels.lora_linear` on a CPU draws it once per forward and
+    keeps it for the backward). The Triton
     kernels draw their mask from the same seed with Philox in the kernel
     (:mod:`mage_kernels.kernels.dropout`): same semantics and distribution, but NOT
     the same bits, so the two backends drop different elements for one seed.
