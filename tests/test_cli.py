@@ -92,6 +92,21 @@ def test_corrupt_or_foreign_checkpoint_is_refused(tmp_path, capsys):
     assert "corrupt" in _error_line(capsys)
 
 
+def test_lr_overrides_the_preset_and_is_part_of_the_run_configuration(tmp_path, capsys):
+    base, fast = tmp_path / "base", tmp_path / "fast"
+    one = ["--tasks", "vqa"]
+    assert main(["run", "--method", "lora", "--out", str(base)] + one + FAST) == 0
+    assert main(["run", "--method", "lora", "--out", str(fast), "--lr", "0.02"] + one + FAST) == 0
+    rb = json.loads((base / "results.json").read_text())
+    rf = json.loads((fast / "results.json").read_text())
+    assert rb["lr"] == 3e-3 and rf["lr"] == 0.02  # the smoke preset's 3e-3, then the override
+    assert rb["final_loss"] != rf["final_loss"]
+    capsys.readouterr()
+    # a checkpoint made with another learning rate may not be continued with this one
+    assert main(["run", "--method", "lora", "--out", str(base), "--resume", "--lr", "0.02"] + one + FAST) == 2
+    assert "different configuration" in _error_line(capsys)
+
+
 def test_compare_writes_one_table_and_reports_mage_below_cia(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--methods", "lora,cia,mage", "--out", str(out)] + FAST) == 0

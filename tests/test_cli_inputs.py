@@ -64,6 +64,11 @@ def _refused(capsys, argv, *words, cache=None, out=None):
     ("--max-stages", "-1", ["--max-stages", "must be >= 1, got -1"]),
     ("--seed", "-1", ["--seed", "must be in [0, 2147483647], got -1"]),
     ("--seed", "99999999999", ["--seed", "got 99999999999"]),
+    ("--lr", "0", ["--lr", "must be a finite number > 0, got 0"]),
+    ("--lr", "-0.001", ["--lr", "must be a finite number > 0, got -0.001"]),
+    ("--lr", "nan", ["--lr", "must be a finite number > 0, got nan"]),
+    ("--lr", "inf", ["--lr", "must be a finite number > 0, got inf"]),
+    ("--lr", "fast", ["--lr", "must be a number, got 'fast'"]),
 ])
 def test_numbers_out_of_range_are_refused_before_any_work(capsys, empty_cache, tmp_path, flag, value, words):
     out = tmp_path / "out"

@@ -79,6 +79,17 @@ def _float_at_least(lo: float):
     return parse
 
 
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number ``> 0``."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (0.0 < v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show each option's default (where it has one), keep the epilog's line breaks."""
 
@@ -133,6 +144,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="kernel backend: " + ", ".join(_BACKENDS))
     p.add_argument("--steps-per-task", type=_int_in(1), default=None, metavar="N",
                    help="override the preset's optimizer steps per task")
+    p.add_argument("--lr", type=_positive_float, default=None, metavar="LR",
+                   help="override the preset's AdamW learning rate (cpu: 1e-3)")
     p.add_argument("--max-stages", type=_int_in(1), default=None, metavar="N",
                    help="stop after this many stages (continue later with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -194,7 +207,7 @@ def _options(args):
         method=getattr(args, "method", "mage"), order=args.order, preset=args.preset, seed=args.seed,
         out=args.out, resume=args.resume, overwrite=args.overwrite, model_path=args.model_path,
         data_dir=args.data_dir, backend=args.backend, progress=not args.no_progress,
-        max_stages=args.max_stages, steps_per_task=args.steps_per_task, tasks=args.tasks,
+        max_stages=args.max_stages, steps_per_task=args.steps_per_task, lr=args.lr, tasks=args.tasks,
         backbone=args.backbone, clip=args.clip, clip_threshold=args.clip_threshold, dtype=args.dtype,
         attn_implementation=args.attn_implementation, gradient_checkpointing=args.gradient_checkpointing,
         max_batch_tokens=args.max_batch_tokens, image_size=args.image_size, image_guidance=args.image_guidance,

@@ -70,6 +70,7 @@ class RunOptions:
     progress: bool = True
     max_stages: Optional[int] = None  # stop after this many stages (a deliberate interruption)
     steps_per_task: Optional[int] = None  # override the preset's
+    lr: Optional[float] = None  # override the preset's AdamW learning rate
     # real checkpoints (--model); see mage_cl.backbones.BackboneOptions and mage_cl.tasks.clip_judge
     backbone: Optional[str] = None  # family; None: detected from the checkpoint's config
     tasks: Optional[str] = None  # comma-separated subset of the order (short ids or paper names)
@@ -106,12 +107,17 @@ def _validate(opts: RunOptions) -> Preset:
     _check_int("seed", opts.seed, 0)
     _check_int("steps_per_task", opts.steps_per_task, 1, optional=True)
     _check_int("max_stages", opts.max_stages, 1, optional=True)
+    if opts.lr is not None and (isinstance(opts.lr, bool) or not isinstance(opts.lr, (int, float))
+                                or not 0.0 < float(opts.lr) < float("inf")):
+        raise UsageError(f"--lr must be a finite number > 0, got {opts.lr!r}")
     _validate_model_options(opts)
     _validate_engine(opts, preset)
     if opts.resume and opts.overwrite:
         raise UsageError("--resume and --overwrite exclude each other: continue the run in --out, or replace it")
     if opts.steps_per_task is not None:
         preset = replace(preset, train=replace(preset.train, steps_per_task=int(opts.steps_per_task)))
+    if opts.lr is not None:
+        preset = replace(preset, train=replace(preset.train, lr=float(opts.lr)))
     if opts.max_batch_tokens is not None:
         preset = replace(preset, train=replace(preset.train, max_batch_tokens=int(opts.max_batch_tokens)))
     preset = replace(preset, train=replace(preset.train, seed=opts.seed))
@@ -617,7 +623,7 @@ def _run(opts: RunOptions, preset: Preset, out: Path, work: Optional[Workload], 
         "order": opts.order, "preset": opts.preset, "seed": opts.seed, "backend": mk.resolve_backend(device),
         "device": _device_name(device), "world_size": distributed.world_size(), "engine": engine.name,
         "wall_seconds": elapsed(), "processes": processes, "date": datetime.date.today().isoformat(),
-        "steps_per_task": preset.train.steps_per_task, "out": str(out), **work.info,
+        "steps_per_task": preset.train.steps_per_task, "lr": preset.train.lr, "out": str(out), **work.info,
     }
     paper = [getattr(work.tasks[n], "paper_name", n) for n in work.names]
     record = results.build_record(opts.method, work.names, paper, stages, method.joint, meta)
