@@ -64,30 +64,19 @@ def _int_in(lo: int, hi: Optional[int] = None):
     return parse
 
 
-def _float_at_least(lo: float):
-    """An argparse type: a finite number ``>= lo``."""
+def _float_at_least(lo: float, strict: bool = False):
+    """An argparse type: a finite number ``>= lo`` (``strict``: ``> lo``)."""
 
     def parse(text: str) -> float:
         try:
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        if not (v >= lo and v != float("inf")):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {lo:g}, got {text}")
+        if not ((v > lo if strict else v >= lo) and v != float("inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {lo:g}, got {text}")
         return v
 
     return parse
-
-
-def _positive_float(text: str) -> float:
-    """An argparse type: a finite number ``> 0``."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (0.0 < v < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -144,7 +133,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="kernel backend: " + ", ".join(_BACKENDS))
     p.add_argument("--steps-per-task", type=_int_in(1), default=None, metavar="N",
                    help="override the preset's optimizer steps per task")
-    p.add_argument("--lr", type=_positive_float, default=None, metavar="LR",
+    p.add_argument("--lr", type=_float_at_least(0.0, strict=True), default=None, metavar="LR",
                    help="override the preset's AdamW learning rate (cpu: 1e-3)")
     p.add_argument("--max-stages", type=_int_in(1), default=None, metavar="N",
                    help="stop after this many stages (continue later with --resume)")
