@@ -107,6 +107,20 @@ def test_lr_overrides_the_preset_and_is_part_of_the_run_configuration(tmp_path, 
     assert "different configuration" in _error_line(capsys)
 
 
+def test_lr_schedule_overrides_the_preset_and_is_part_of_the_run_configuration(tmp_path, capsys):
+    const, cos = tmp_path / "constant", tmp_path / "cosine"
+    one = ["--tasks", "vqa", *FAST, "--steps-per-task", "10"]  # past the smoke preset's 5 warm-up steps
+    assert main(["run", "--method", "lora", "--out", str(const), "--lr-schedule", "constant"] + one) == 0
+    assert main(["run", "--method", "lora", "--out", str(cos), "--lr-schedule", "cosine"] + one) == 0
+    rc = json.loads((const / "results.json").read_text())
+    rs = json.loads((cos / "results.json").read_text())
+    assert rc["lr_schedule"] == "constant" and rs["lr_schedule"] == "cosine"
+    assert rc["final_loss"] != rs["final_loss"]
+    capsys.readouterr()
+    assert main(["run", "--method", "lora", "--out", str(const), "--resume", "--lr-schedule", "cosine"] + one) == 2
+    assert "different configuration" in _error_line(capsys)
+
+
 def test_compare_writes_one_table_and_reports_mage_below_cia(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--methods", "lora,cia,mage", "--out", str(out)] + FAST) == 0

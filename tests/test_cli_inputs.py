@@ -69,6 +69,7 @@ def _refused(capsys, argv, *words, cache=None, out=None):
     ("--lr", "nan", ["--lr", "must be a finite number > 0, got nan"]),
     ("--lr", "inf", ["--lr", "must be a finite number > 0, got inf"]),
     ("--lr", "fast", ["--lr", "must be a number, got 'fast'"]),
+    ("--lr-schedule", "linear", ["--lr-schedule", "invalid choice: 'linear'"]),
 ])
 def test_numbers_out_of_range_are_refused_before_any_work(capsys, empty_cache, tmp_path, flag, value, words):
     out = tmp_path / "out"

@@ -110,7 +110,7 @@ def _listing() -> str:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from .engines import ENGINES
+    from .engines import ENGINES, LR_SCHEDULES
     from .presets import DEFAULT_PRESET, PRESETS
     from .tasks import ORDERS
 
@@ -135,6 +135,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override the preset's optimizer steps per task")
     p.add_argument("--lr", type=_float_at_least(0.0, strict=True), default=None, metavar="LR",
                    help="override the preset's AdamW learning rate (cpu: 1e-3)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                   help="override the preset's learning-rate shape after the warm-up, per task "
+                        "(constant, or cosine down to 0 at the task's last step)")
     p.add_argument("--max-stages", type=_int_in(1), default=None, metavar="N",
                    help="stop after this many stages (continue later with --resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -196,7 +199,7 @@ def _options(args):
         method=getattr(args, "method", "mage"), order=args.order, preset=args.preset, seed=args.seed,
         out=args.out, resume=args.resume, overwrite=args.overwrite, model_path=args.model_path,
         data_dir=args.data_dir, backend=args.backend, progress=not args.no_progress,
-        max_stages=args.max_stages, steps_per_task=args.steps_per_task, lr=args.lr, tasks=args.tasks,
+        max_stages=args.max_stages, steps_per_task=args.steps_per_task, lr=args.lr, lr_schedule=args.lr_schedule, tasks=args.tasks,
         backbone=args.backbone, clip=args.clip, clip_threshold=args.clip_threshold, dtype=args.dtype,
         attn_implementation=args.attn_implementation, gradient_checkpointing=args.gradient_checkpointing,
         max_batch_tokens=args.max_batch_tokens, image_size=args.image_size, image_guidance=args.image_guidance,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -208,8 +209,31 @@ class _TorchSteps(TaskSteps):
         return self.opt.state
 
 
+#: The learning-rate shapes of :attr:`mage_cl.trainer.TrainConfig.lr_schedule`.
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(cfg, step: int) -> float:
+    """The multiple of ``cfg.lr`` used at optimizer step ``step`` (0-based) of a task.
+
+    A linear warm-up over ``cfg.warmup_steps`` steps, then ``1`` (``constant``) or half a cosine
+    that reaches 0 after step ``cfg.steps_per_task - 1`` (``cosine``).
+    """
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
+    warm = max(1, cfg.warmup_steps)
+    if step + 1 < warm:
+        return (step + 1) / warm
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, cfg.steps_per_task - warm + 1)
+    done = min(1.0, (step + 1 - warm) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * done))
+
+
 def _warmup(cfg) -> Callable[[int], float]:
-    return lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
+    lr_factor(cfg, 0)  # an unknown schedule fails here, before the first step
+    return lambda s: lr_factor(cfg, s)
 
 
 class Engine:

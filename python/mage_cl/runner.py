@@ -39,7 +39,7 @@ import torch
 import mage_kernels as mk
 
 from . import checkpoint, distributed, results
-from .engines import ENGINES, Engine, make_engine, read_deepspeed_config
+from .engines import ENGINES, LR_SCHEDULES, Engine, make_engine, read_deepspeed_config
 from .methods import METHODS, make_method
 from .methods.base import MethodConfig
 from .presets import Preset, get_preset
@@ -71,6 +71,7 @@ class RunOptions:
     max_stages: Optional[int] = None  # stop after this many stages (a deliberate interruption)
     steps_per_task: Optional[int] = None  # override the preset's
     lr: Optional[float] = None  # override the preset's AdamW learning rate
+    lr_schedule: Optional[str] = None  # override the preset's learning-rate shape (mage_cl.engines.LR_SCHEDULES)
     # real checkpoints (--model); see mage_cl.backbones.BackboneOptions and mage_cl.tasks.clip_judge
     backbone: Optional[str] = None  # family; None: detected from the checkpoint's config
     tasks: Optional[str] = None  # comma-separated subset of the order (short ids or paper names)
@@ -110,6 +111,8 @@ def _validate(opts: RunOptions) -> Preset:
     if opts.lr is not None and (isinstance(opts.lr, bool) or not isinstance(opts.lr, (int, float))
                                 or not 0.0 < float(opts.lr) < float("inf")):
         raise UsageError(f"--lr must be a finite number > 0, got {opts.lr!r}")
+    if opts.lr_schedule is not None and opts.lr_schedule not in LR_SCHEDULES:
+        raise UsageError(f"unknown --lr-schedule {opts.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
     _validate_model_options(opts)
     _validate_engine(opts, preset)
     if opts.resume and opts.overwrite:
@@ -118,6 +121,8 @@ def _validate(opts: RunOptions) -> Preset:
         preset = replace(preset, train=replace(preset.train, steps_per_task=int(opts.steps_per_task)))
     if opts.lr is not None:
         preset = replace(preset, train=replace(preset.train, lr=float(opts.lr)))
+    if opts.lr_schedule is not None:
+        preset = replace(preset, train=replace(preset.train, lr_schedule=opts.lr_schedule))
     if opts.max_batch_tokens is not None:
         preset = replace(preset, train=replace(preset.train, max_batch_tokens=int(opts.max_batch_tokens)))
     preset = replace(preset, train=replace(preset.train, seed=opts.seed))
@@ -427,6 +432,8 @@ def _config(opts: RunOptions, preset: Preset, work: Workload, engine: Engine) ->
     train = asdict(preset.train)
     if train.get("max_batch_tokens") is None:  # absent as before the option existed: old checkpoints still resume
         train.pop("max_batch_tokens", None)
+    if train.get("lr_schedule") == "constant":  # likewise: runs from before the option resume
+        train.pop("lr_schedule")
     extra = {k: work.info[k] for k in ("backbone", "dtype", "clip", "clip_threshold") if k in work.info}
     return {"method": opts.method, "order": opts.order, "preset": opts.preset, "seed": opts.seed,
             "model": work.info["model"], "data": work.info["data"], "tasks": work.names,
@@ -623,7 +630,8 @@ def _run(opts: RunOptions, preset: Preset, out: Path, work: Optional[Workload], 
         "order": opts.order, "preset": opts.preset, "seed": opts.seed, "backend": mk.resolve_backend(device),
         "device": _device_name(device), "world_size": distributed.world_size(), "engine": engine.name,
         "wall_seconds": elapsed(), "processes": processes, "date": datetime.date.today().isoformat(),
-        "steps_per_task": preset.train.steps_per_task, "lr": preset.train.lr, "out": str(out), **work.info,
+        "steps_per_task": preset.train.steps_per_task, "lr": preset.train.lr,
+        "lr_schedule": preset.train.lr_schedule, "out": str(out), **work.info,
     }
     paper = [getattr(work.tasks[n], "paper_name", n) for n in work.names]
     record = results.build_record(opts.method, work.names, paper, stages, method.joint, meta)

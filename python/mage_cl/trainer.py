@@ -55,6 +55,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 5
+    #: Learning-rate shape after the warm-up, per task: ``"constant"`` or ``"cosine"`` (half a cosine
+    #: from ``lr`` down to 0 at the task's last step, :func:`mage_cl.engines.lr_factor`). Every task
+    #: restarts it (a new optimizer per task).
+    lr_schedule: str = "constant"
     eval_batch_size: int = 64
     max_eval: Optional[int] = None  # test examples per task (None: all)
     consolidate_batches: Optional[int] = 8  # batches an after_task pass (EWC, PGP) may read (None: all)
