@@ -154,3 +154,25 @@ def test_zero_shot_and_multitask_records():
     assert mt["train_tokens"] > 0
     row = [l for l in results.markdown_table(recs).splitlines() if l.startswith("| multitask")][0]
     assert row.split("|")[5].strip() == "-"  # Forgetting (columns: method, 2 tasks, Avg.ACC, Forgetting)
+
+
+@pytest.mark.parametrize("scale", [1, 3])
+def test_multitask_trains_joint_steps_scale_times_the_continual_budget(monkeypatch, scale):
+    from mage_cl import trainer
+    from mage_cl.methods import make_method
+
+    seen = []
+    real = trainer.train_task
+
+    def counting(model, method, examples, cfg, *args, **kwargs):
+        seen.append((len(examples), cfg.steps_per_task))
+        return real(model, method, examples, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_task", counting)
+    tasks = toy_tasks(n_train=8, n_test=4)
+    v, model = tiny_model()
+    m = make_method("multitask")
+    m.setup(model)
+    cfg = trainer.TrainConfig(steps_per_task=2, batch_size=4, eval_batch_size=4, joint_steps_scale=scale)
+    trainer.Sequencer(model, m, tasks, ["echo", "draw"], cfg, v.pad_id, v.eos_id).run()
+    assert seen == [(16, 2 * 2 * scale)]  # the union of both tasks' 8 examples, 2 steps x 2 tasks x scale

@@ -134,7 +134,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps-per-task", type=_int_in(1), default=None, metavar="N",
                    help="override the preset's optimizer steps per task")
     p.add_argument("--lr", type=_float_at_least(0.0, strict=True), default=None, metavar="LR",
-                   help="override the preset's AdamW learning rate (cpu: 1e-3)")
+                   help="override the preset's AdamW learning rate (cpu: 2e-3)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                    help="override the preset's learning-rate shape after the warm-up, per task "
                         "(constant, or cosine down to 0 at the task's last step)")

@@ -434,6 +434,8 @@ def _config(opts: RunOptions, preset: Preset, work: Workload, engine: Engine) ->
         train.pop("max_batch_tokens", None)
     if train.get("lr_schedule") == "constant":  # likewise: runs from before the option resume
         train.pop("lr_schedule")
+    if train.get("joint_steps_scale") == 1:
+        train.pop("joint_steps_scale")
     extra = {k: work.info[k] for k in ("backbone", "dtype", "clip", "clip_threshold") if k in work.info}
     return {"method": opts.method, "order": opts.order, "preset": opts.preset, "seed": opts.seed,
             "model": work.info["model"], "data": work.info["data"], "tasks": work.names,
