@@ -174,7 +174,7 @@ class _TorchSteps(TaskSteps):
         super().__init__(module, params)
         self.cfg = cfg
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _warmup(cfg))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
         self._no_sync = no_sync
 
     def accumulate(self, last: bool):
@@ -231,7 +231,7 @@ def lr_factor(cfg, step: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * done))
 
 
-def _warmup(cfg) -> Callable[[int], float]:
+def _lr_lambda(cfg) -> Callable[[int], float]:
     lr_factor(cfg, 0)  # an unknown schedule fails here, before the first step
     return lambda s: lr_factor(cfg, s)
 
@@ -404,7 +404,7 @@ class DeepSpeedEngine(Engine):
                   "gradient_clipping": float(cfg.grad_clip or 0.0)}
         config.setdefault("steps_per_print", 10 ** 9)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(cfg))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
         self._current = _DeepSpeedSteps(engine, params, cfg.grad_clip)
         return self._current
