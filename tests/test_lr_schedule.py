@@ -48,7 +48,7 @@ def test_constant_keeps_the_learning_rate_after_the_warm_up():
 
 def test_an_unknown_schedule_is_refused_before_any_step():
     with pytest.raises(ValueError, match="unknown lr_schedule 'linear'; choose from constant, cosine"):
-        make_engine("ddp").begin_task(nn.Linear(2, 2), list(nn.Linear(2, 2).parameters()),
-                                      TrainConfig(lr_schedule="linear"))
+        model = nn.Linear(2, 2)
+        make_engine("ddp").begin_task(model, list(model.parameters()), TrainConfig(lr_schedule="linear"))
     assert LR_SCHEDULES == ("constant", "cosine")
     assert lr_factor(TrainConfig(steps_per_task=10, warmup_steps=2, lr_schedule="cosine"), 100) == 0.0
