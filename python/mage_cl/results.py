@@ -211,8 +211,8 @@ def stage_plot(path: Path, records: Sequence[Dict[str, object]], metric: str = "
                bands: Optional[Dict[str, Sequence[float]]] = None) -> None:
     """Per-stage ``Avg.ACC`` (or ``Forgetting``) of each sequential method, like the paper's Fig. 9.
 
-    The y axis is fixed to 0-100 (so runs are comparable at a glance); the multitask upper
-    bound, when among ``records``, is drawn as a dashed reference line (it has no stages).
+    The y axis is fixed to 0-100 (so runs are comparable at a glance); each multitask upper
+    bound among ``records`` is drawn as a dashed (dotted, ...) reference line (it has no stages).
     ``bands`` (optional) maps a method to the per-stage standard deviation over seeds, drawn
     as a shaded band around its curve.
     """
@@ -222,13 +222,15 @@ def stage_plot(path: Path, records: Sequence[Dict[str, object]], metric: str = "
     names = next(r for r in records)["paper_names"]
     stages = range(1, len(names) + 1)
     low = 0.0
+    bounds = 0  # the upper bounds drawn so far (multitask, multitask-tokens): one line style each
     for i, r in enumerate(records):
         curve = r.get(key) or (M.stage_forgetting(r["acc"]) if key == "stage_forgetting" and r["stage_avg_acc"]
                               else None)
         if r.get("joint"):
             if metric == "Avg.ACC" and r["metrics"].get("Avg.ACC") is not None:
-                ax.axhline(r["metrics"]["Avg.ACC"], color="0.4", linestyle="--", linewidth=1.0,
-                           label=f"{r['method']} (upper bound)")
+                ax.axhline(r["metrics"]["Avg.ACC"], color="0.4", linestyle=("--", ":", "-.")[bounds % 3],
+                           linewidth=1.0, label=f"{r['method']} (upper bound)")
+                bounds += 1
             continue
         if not curve:
             continue

@@ -14,7 +14,9 @@ The loss is the mean over samples of each sample's mean target-token loss
 ``max_batch_tokens`` each step's batch is split into micro-batches of at most that many
 padded tokens whose gradients (and per-sample Fisher sums) accumulate into the same step:
 micro-batch ``m`` of ``n_m`` samples contributes ``(n_m / N) * mean_m``, so the step's loss
-and gradient are those of the whole batch. A real model's batches, loss and generation
+and gradient are those of the whole batch. ``multitask-tokens`` averages over target tokens
+instead (``Method.loss_reduction = "token"``): each micro-batch's token sum is divided by the
+batch's target tokens (on this rank: under DDP the ranks' token means are averaged). A real model's batches, loss and generation
 come from its backbone (:mod:`mage_cl.backbones`; ``backbone=None``: the token-id examples
 of the embedded benchmark, with :func:`collate`, ``batch_loss`` and :func:`greedy_generate`). Under DDP
 (:mod:`mage_cl.distributed`) each rank trains on its slice of every global
@@ -38,7 +40,7 @@ import mage_kernels as mk
 
 from . import distributed
 from .engines import Engine
-from .methods.base import Method, batch_loss
+from .methods.base import Method, batch_loss, target_tokens
 from .tasks.base import ERROR_TYPES, Example, Task
 
 __all__ = ["TrainConfig", "StageResult", "collate", "greedy_generate", "evaluate_task", "train_task",
@@ -122,8 +124,10 @@ def _collate(backbone, examples: Sequence[Example], model: nn.Module, pad_id: in
     return collate(examples, pad_id, device) if backbone is None else backbone.collate(examples, model, device)
 
 
-def _loss(backbone, model: nn.Module, batch) -> torch.Tensor:
-    return batch_loss(model, batch) if backbone is None else backbone.loss(model, batch)
+def _loss(backbone, model: nn.Module, batch, reduction: str = "sample", num_tokens: Optional[int] = None) -> torch.Tensor:
+    if backbone is None:
+        return batch_loss(model, batch, reduction, num_tokens)
+    return backbone.loss(model, batch, reduction, num_tokens)
 
 
 def _num_tokens(backbone, e: Example) -> int:
@@ -308,19 +312,24 @@ def train_task(model: nn.Module, method: Method, examples: Sequence[Example], cf
                 fisher.reset()
             steps.zero_grad()
             step_loss, step_tokens = 0.0, 0
+            # a token-mean loss divides every micro-batch's token sum by this rank's target tokens
+            # (so its micro-batches are collated up front; the sample mean collates them one by one)
+            batches = ([_collate(backbone, part, model, pad_id, dev) for part in parts]
+                       if method.loss_reduction == "token" else None)
+            n_targets = None if batches is None else sum(target_tokens(b) for b in batches)
             for m_idx, part in enumerate(parts):
-                batch = _collate(backbone, part, model, pad_id, dev)
+                batch = batches[m_idx] if batches is not None else _collate(backbone, part, model, pad_id, dev)
                 share = len(part) / len(mine)  # this micro-batch's part of the mean over the batch
                 if fisher is not None:
                     fisher.loss_scale = share  # its gradient is share * (1/n_m) sum_n g_n
                 with steps.accumulate(m_idx == len(parts) - 1):
-                    loss = _loss(backbone, steps.module, batch)
-                    total = loss if len(parts) == 1 else loss * share
+                    loss = _loss(backbone, steps.module, batch, method.loss_reduction, n_targets)
+                    total = loss if len(parts) == 1 or n_targets is not None else loss * share
                     if m_idx == 0:
                         extra = method.loss_extra(model)
                         total = total if extra is None else total + extra
                     steps.backward(total)
-                step_loss += float(loss.detach()) * share
+                step_loss += float(loss.detach()) * (1.0 if n_targets is not None else share)
                 step_tokens += int(batch["attention_mask"].sum())
             if fisher is not None:
                 fisher.loss_scale = 1.0

@@ -209,12 +209,13 @@ class Backbone:
         """A right-padded batch: ``input_ids``, ``attention_mask``, ``labels`` (-100 off the target)."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch: Dict[str, Any]) -> torch.Tensor:
-        """Mean over the batch's samples of each sample's mean target-token loss (text or image tokens)."""
+    def loss(self, model: nn.Module, batch: Dict[str, Any], reduction: str = "sample",
+             num_tokens: Optional[int] = None) -> torch.Tensor:
+        """The batch's target-token loss (text or image tokens), reduced as :func:`mage_cl.methods.base.batch_loss`."""
         from ..methods.base import batch_loss
 
         with self.autocast(model):
-            return batch_loss(model, batch)
+            return batch_loss(model, batch, reduction, num_tokens)
 
     def num_tokens(self, example: Any) -> int:
         """Tokens of the sample once its images are expanded (prompt + target)."""

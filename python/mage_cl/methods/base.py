@@ -34,7 +34,8 @@ from torch import nn
 import mage_kernels as mk
 from mage_kernels.sharding import full_shape, full_tensor, load_full_
 
-__all__ = ["MethodConfig", "Method", "WithTaskEMA", "LoRA", "ZeroShot", "Multitask", "tensor_bytes", "batch_loss"]
+__all__ = ["MethodConfig", "Method", "WithTaskEMA", "LoRA", "ZeroShot", "Multitask", "MultitaskTokens", "tensor_bytes",
+           "batch_loss", "target_tokens", "LOSS_REDUCTIONS"]
 
 
 @dataclass
@@ -60,16 +61,26 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
-def batch_loss(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over samples of each sample's mean next-token loss over its target tokens.
+#: The two loss reductions of :func:`batch_loss`.
+LOSS_REDUCTIONS = ("sample", "token")
 
-    Written as ``(1/N) sum_n loss_n`` so that the per-sample Fisher of ALGORITHM.md
-    §2 (``mk.Fisher(loss_reduction="mean")``) sees exactly the samples'
-    losses ``loss_n``. Every key of ``batch`` but ``labels`` goes to the model (a real
-    backbone's batch also holds ``pixel_values`` and ``logits_to_keep``); when the model
-    returns logits for the last positions only (``logits_to_keep``), the labels are aligned
-    to them.
+
+def batch_loss(model: nn.Module, batch: Dict[str, torch.Tensor], reduction: str = "sample",
+               num_tokens: Optional[int] = None) -> torch.Tensor:
+    """The next-token loss of ``batch`` over its target tokens (labels ``!= -100``).
+
+    ``reduction="sample"`` (every method but ``multitask-tokens``): the mean over samples of each
+    sample's mean loss, written as ``(1/N) sum_n loss_n`` so that the per-sample Fisher of
+    ALGORITHM.md §2 (``mk.Fisher(loss_reduction="mean")``) sees exactly the samples' losses
+    ``loss_n``. ``reduction="token"``: the sum of the token losses over ``num_tokens`` (default:
+    this batch's target tokens), i.e. every target token weighs the same, so a 66-token image
+    answer counts 66 times a one-token text answer (ALGORITHM.md §9, the multitask bound's loss).
+    Every key of ``batch`` but ``labels`` goes to the model (a real backbone's batch also holds
+    ``pixel_values`` and ``logits_to_keep``); when the model returns logits for the last
+    positions only (``logits_to_keep``), the labels are aligned to them.
     """
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"unknown loss reduction {reduction!r}; choose from {', '.join(LOSS_REDUCTIONS)}")
     out = model(**{k: v for k, v in batch.items() if k != "labels"})
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, batch["labels"].shape[1] - out.logits.shape[1] + 1:]
@@ -77,8 +88,15 @@ def batch_loss(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
     ).view(labels.shape)
     mask = (labels != -100).to(tok.dtype)
+    if reduction == "token":
+        return (tok * mask).sum() / float(max(1, int(mask.sum()) if num_tokens is None else num_tokens))
     per_sample = (tok * mask).sum(1) / mask.sum(1).clamp_min(1.0)
     return per_sample.mean()
+
+
+def target_tokens(batch: Dict[str, torch.Tensor]) -> int:
+    """Number of target tokens (labels ``!= -100`` after the first position) of a collated ``batch``."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 class Method:
@@ -96,6 +114,8 @@ class Method:
     joint = False
     #: Whether the trainer should accumulate the per-sample Fisher each step (ALGORITHM.md section 2).
     needs_fisher = False
+    #: How the training loss averages over a batch (:func:`batch_loss`): ``"sample"`` or ``"token"``.
+    loss_reduction = "sample"
 
     def __init__(self, config: Optional[MethodConfig] = None) -> None:
         self.config = config or MethodConfig()
@@ -275,3 +295,17 @@ class Multitask(LoRA):
     name = "multitask"
     summary = "upper bound: one rank-32 LoRA trained on all tasks at once"
     joint = True
+
+
+class MultitaskTokens(Multitask):
+    """The multitask upper bound with the loss averaged over target tokens instead of samples.
+
+    In a batch mixing the tasks, the per-sample mean gives each pixel of a 66-token image answer
+    1/66 of a sample's weight and each token of a one-to-three-token text answer a third to all
+    of it; with one task per batch (the continual methods) the two reductions differ by about a
+    constant, which AdamW's normalization removes. ALGORITHM.md §9.
+    """
+
+    name = "multitask-tokens"
+    summary = "the upper bound with its loss averaged over target tokens (image answers weigh their 66 tokens)"
+    loss_reduction = "token"

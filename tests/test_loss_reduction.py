@@ -1,0 +1,115 @@
+"""The training loss's two reductions: the mean of per-sample means, and ``multitask-tokens``' token mean."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from cl_fakes import tiny_model, toy_tasks
+from mage_cl.methods import METHODS, make_method
+from mage_cl.methods.base import MethodConfig, batch_loss, target_tokens
+from mage_cl.trainer import TrainConfig, micro_batches, train_task
+
+
+class _Logits(nn.Module):
+    """A stand-in model whose forward returns fixed logits."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, **kw):
+        return SimpleNamespace(logits=self.logits)
+
+
+def _batch(seed=0, n=4, t=9, vocab=11):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, t, vocab, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (n, t), generator=g)
+    lengths = [1, 3, 6, 8][:n]  # targets of very different lengths, at the end of each row
+    for i, k in enumerate(lengths):
+        labels[i, : t - k] = -100
+    return logits, {"input_ids": labels.clamp_min(0), "labels": labels}, lengths
+
+
+def _token_losses(logits, labels):
+    """Per-sample lists of the target tokens' cross-entropies, written out with log-softmax."""
+    out = []
+    for i in range(labels.shape[0]):
+        row = []
+        for j in range(1, labels.shape[1]):  # position j - 1 predicts token j
+            if labels[i, j] != -100:
+                row.append(float(-torch.log_softmax(logits[i, j - 1].double(), -1)[labels[i, j]]))
+        out.append(row)
+    return out
+
+
+def test_both_reductions_against_losses_written_out_per_token():
+    logits, batch, lengths = _batch()
+    per = _token_losses(logits, batch["labels"])
+    assert [len(r) for r in per] == lengths
+    sample = sum(sum(r) / len(r) for r in per) / len(per)
+    token = sum(sum(r) for r in per) / sum(lengths)
+    model = _Logits(logits)
+    assert float(batch_loss(model, batch)) == pytest.approx(sample, rel=1e-6)
+    assert float(batch_loss(model, batch, "token")) == pytest.approx(token, rel=1e-6)
+    assert token != pytest.approx(sample, rel=1e-3)  # the lengths differ, so the reductions do
+    # num_tokens: the divisor of a micro-batch that is part of a larger batch
+    assert float(batch_loss(model, batch, "token", num_tokens=50)) == pytest.approx(sum(map(sum, per)) / 50,
+                                                                                   rel=1e-6)
+    assert target_tokens(batch) == sum(lengths)
+    with pytest.raises(ValueError, match="unknown loss reduction 'mean'; choose from sample, token"):
+        batch_loss(model, batch, "mean")
+
+
+def test_multitask_tokens_is_the_upper_bound_with_the_token_mean():
+    mt, mtt = METHODS["multitask"], METHODS["multitask-tokens"]
+    assert mtt.joint and mtt.trains and not mtt.needs_fisher
+    assert mt.loss_reduction == "sample" and mtt.loss_reduction == "token"
+    assert all(cls.loss_reduction == "sample" for name, cls in METHODS.items() if name != "multitask-tokens")
+
+
+def _one_step_grads(method_name, max_batch_tokens):
+    v, model = tiny_model(seed=3)
+    tasks = toy_tasks(n_train=8, seed=1)
+    exs = [e for t in tasks.values() for e in t.train[:3]]  # text and image answers in one batch
+    torch.manual_seed(0)
+    m = make_method(method_name, MethodConfig(r_total=8, dropout=0.0))
+    m.setup(model)
+    m.before_task(next(iter(tasks.values())), 0)
+    for p in m.trainable_parameters():  # B != 0, so that every adapter tensor gets a gradient
+        p.data.normal_(0, 0.3)
+    seen = []
+    orig = m.after_backward
+
+    def grab():
+        seen.append({id(p): p.grad.clone() for p in m.trainable_parameters() if p.grad is not None})
+        orig()
+
+    m.after_backward = grab
+    cfg = TrainConfig(steps_per_task=1, batch_size=len(exs), lr=1e-3, warmup_steps=1,
+                      max_batch_tokens=max_batch_tokens)
+    stats = train_task(model, m, exs, cfg, v.pad_id, seed=0)
+    return exs, stats["loss"], seen[0]
+
+
+@pytest.mark.parametrize("method", ["multitask", "multitask-tokens"])
+def test_micro_batches_give_the_whole_batch_step_under_either_reduction(method):
+    exs, loss0, g0 = _one_step_grads(method, None)
+    budget = max(len(e.prompt) + len(e.target) for e in exs) + 2
+    assert len(micro_batches(exs, budget)) > 2
+    _, loss1, g1 = _one_step_grads(method, budget)
+    assert loss1 == pytest.approx(loss0, rel=1e-5)
+    assert g0 and len(g0) == len(g1)
+    for a, b in zip(g0.values(), g1.values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_the_token_mean_trains_differently_from_the_sample_mean():
+    """The token mean is not the sample mean under another name: same batch, other gradient."""
+    _, loss_s, gs = _one_step_grads("multitask", None)
+    _, loss_t, gt = _one_step_grads("multitask-tokens", None)
+    assert loss_s != pytest.approx(loss_t, rel=1e-3)
+    diff = max(float((a - b).abs().max() / a.abs().max()) for a, b in zip(gs.values(), gt.values()))
+    assert diff > 1e-2
