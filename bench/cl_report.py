@@ -51,10 +51,18 @@ def _num(v) -> Optional[float]:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
+#: A folder holding this file (it says why) is kept for the record but left out of the tables.
+SUPERSEDED = "SUPERSEDED.md"
+
+
 def load(root: Path) -> List[Record]:
-    """Every record of every ``comparison.json`` under ``root`` (sorted paths: deterministic)."""
+    """Every record of every ``comparison.json`` under ``root`` (sorted paths: deterministic), except
+    those below a folder that holds a :data:`SUPERSEDED` note."""
     records = []
-    for path in sorted(Path(root).rglob("comparison.json")):
+    root = Path(root)
+    for path in sorted(root.rglob("comparison.json")):
+        if any((d / SUPERSEDED).exists() for d in path.parents if d == root or root in d.parents):
+            continue
         for r in json.loads(path.read_text()):
             r = dict(r)
             r["_source"] = str(path.relative_to(root))

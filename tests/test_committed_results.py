@@ -71,3 +71,19 @@ def test_readme_tables_are_generated_from_the_json(name):
     assert committed == report.render(RESULTS / name), (
         f"bench/results/{name}/README.md's tables differ from its JSON: run python bench/cl_report.py "
         f"bench/results/{name} --write")
+
+
+def test_a_superseded_folder_stays_out_of_the_tables(tmp_path):
+    """A folder holding SUPERSEDED.md (kept for the record) is not aggregated; its siblings are."""
+    report = _report()
+    src = next(p for p in sorted(RESULTS.rglob("comparison.json")))
+    for sub in ("kept/seed0", "old/seed0", "old/deeper/seed0"):
+        (tmp_path / sub).mkdir(parents=True)
+        (tmp_path / sub / "comparison.json").write_text(src.read_text())
+    n = len(json.loads(src.read_text()))
+    with pytest.raises(ValueError, match="appears twice"):
+        report.group(report.load(tmp_path))
+    (tmp_path / "old" / report.SUPERSEDED).write_text("rerun on another machine\n")
+    records = report.load(tmp_path)
+    assert len(records) == n and {r["_source"] for r in records} == {"kept/seed0/comparison.json"}
+    report.group(records)  # no duplicates left
