@@ -133,7 +133,8 @@ def final_row_table(groups, order: str = "default") -> str:
 
 def diagonal_table(groups, order: str = "default") -> str:
     """Each task's accuracy right after it was learned (the diagonal a[i][i]): how well each is learned."""
-    methods = [m for m in _methods(groups, order) if m not in ("zero-shot", "multitask", "multitask-tokens")]
+    methods = [m for m in _methods(groups, order)
+               if m != "zero-shot" and not any(r.get("joint") for r in groups[(order, m)].values())]
     return _per_task_table(groups, order, methods, lambda r, i: r["acc"][i][i])
 
 

@@ -70,7 +70,11 @@ def test_multitask_tokens_is_the_upper_bound_with_the_token_mean():
     assert all(cls.loss_reduction == "sample" for name, cls in METHODS.items() if name != "multitask-tokens")
 
 
-def _one_step_grads(method_name, max_batch_tokens):
+def _one_step_grads(method_name, max_batch_tokens, tiny_backbone=False):
+    """One step's adapter gradients and loss; ``tiny_backbone``: through ``TinyBackbone.loss`` (what the runner
+    uses) instead of ``batch_loss`` directly."""
+    from mage_cl.backbones.tiny import TinyBackbone
+
     v, model = tiny_model(seed=3)
     tasks = toy_tasks(n_train=8, seed=1)
     exs = [e for t in tasks.values() for e in t.train[:3]]  # text and image answers in one batch
@@ -90,26 +94,51 @@ def _one_step_grads(method_name, max_batch_tokens):
     m.after_backward = grab
     cfg = TrainConfig(steps_per_task=1, batch_size=len(exs), lr=1e-3, warmup_steps=1,
                       max_batch_tokens=max_batch_tokens)
-    stats = train_task(model, m, exs, cfg, v.pad_id, seed=0)
+    stats = train_task(model, m, exs, cfg, v.pad_id, seed=0, backbone=TinyBackbone(v) if tiny_backbone else None)
     return exs, stats["loss"], seen[0]
 
 
+@pytest.mark.parametrize("tiny_backbone", [False, True])
 @pytest.mark.parametrize("method", ["multitask", "multitask-tokens"])
-def test_micro_batches_give_the_whole_batch_step_under_either_reduction(method):
-    exs, loss0, g0 = _one_step_grads(method, None)
+def test_micro_batches_give_the_whole_batch_step_under_either_reduction(method, tiny_backbone):
+    exs, loss0, g0 = _one_step_grads(method, None, tiny_backbone)
     budget = max(len(e.prompt) + len(e.target) for e in exs) + 2
     assert len(micro_batches(exs, budget)) > 2
-    _, loss1, g1 = _one_step_grads(method, budget)
+    _, loss1, g1 = _one_step_grads(method, budget, tiny_backbone)
     assert loss1 == pytest.approx(loss0, rel=1e-5)
     assert g0 and len(g0) == len(g1)
     for a, b in zip(g0.values(), g1.values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
 
 
-def test_the_token_mean_trains_differently_from_the_sample_mean():
-    """The token mean is not the sample mean under another name: same batch, other gradient."""
-    _, loss_s, gs = _one_step_grads("multitask", None)
-    _, loss_t, gt = _one_step_grads("multitask-tokens", None)
+@pytest.mark.parametrize("tiny_backbone", [False, True])
+def test_the_token_mean_trains_differently_from_the_sample_mean(tiny_backbone):
+    """The token mean is not the sample mean under another name: same batch, other gradient (also through the
+    backbone, so a backbone that dropped the reduction would fail here)."""
+    _, loss_s, gs = _one_step_grads("multitask", None, tiny_backbone)
+    _, loss_t, gt = _one_step_grads("multitask-tokens", None, tiny_backbone)
     assert loss_s != pytest.approx(loss_t, rel=1e-3)
     diff = max(float((a - b).abs().max() / a.abs().max()) for a, b in zip(gs.values(), gt.values()))
     assert diff > 1e-2
+
+
+def test_under_data_parallel_the_divisor_is_the_global_batch_s_tokens_per_rank(monkeypatch):
+    """Two ranks with 10 and 30 target tokens: each divides its token sum by 40 / 2 = 20, so the engines' mean of
+    the two ranks' gradients is the gradient of (sum of all token losses) / 40."""
+    from mage_cl import distributed, trainer
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "all_reduce_sum", lambda t: t.add_(30.0))  # the other rank's 30 tokens
+    assert trainer._targets_per_rank(10) == 20.0
+
+
+def test_a_fisher_method_cannot_use_the_token_mean():
+    v, model = tiny_model()
+    tasks = toy_tasks(n_train=4)
+    m = make_method("mage", MethodConfig(r_total=8, dropout=0.0))
+    m.setup(model)
+    m.before_task(next(iter(tasks.values())), 0)
+    m.loss_reduction = "token"
+    with pytest.raises(ValueError, match="per-sample Fisher needs loss_reduction 'sample', not 'token'"):
+        train_task(model, m, next(iter(tasks.values())).train, TrainConfig(steps_per_task=1, batch_size=2),
+                   v.pad_id, seed=0)

@@ -96,7 +96,8 @@ def _listing() -> str:
     from .tasks import ORDERS, PAPER_NAMES
 
     lines = ["methods:"]
-    lines += [f"  {name:<10} {cls.summary}" for name, cls in METHODS.items()]
+    width = max(map(len, METHODS))
+    lines += [f"  {name:<{width}} {cls.summary}" for name, cls in METHODS.items()]
     lines += ["", "orders (the six tasks; --model/--data-dir runs keep the tasks found there, in this order):"]
     lines += [f"  {name:<13} {', '.join(PAPER_NAMES[t] for t in tasks)}" for name, tasks in ORDERS.items()]
     lines += ["", "presets:"]

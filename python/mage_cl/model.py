@@ -94,7 +94,8 @@ class PretrainConfig:
 
 #: Base models shipped with the package (``mage_cl/bases/base_<key>.pt``): the ``cpu`` preset's
 #: base for seed 0 (the one the committed comparison used, bit for bit), so a run of it does not
-#: spend minutes pretraining and reproduces the committed numbers with the identical weights. A
+#: spend minutes pretraining and starts from the identical weights (on another CPU type the runs
+#: themselves may still differ in the last bits: bench/results/cl_cpu_v5_2026-12-04/README.md). A
 #: shipped file is used only when its key -- the hash of the whole recipe and corpus -- matches;
 #: any other seed or recipe is pretrained and cached as usual. ``tests/test_bundled_base.py``
 #: checks that the shipped file matches the current recipe.

@@ -16,7 +16,8 @@ padded tokens whose gradients (and per-sample Fisher sums) accumulate into the s
 micro-batch ``m`` of ``n_m`` samples contributes ``(n_m / N) * mean_m``, so the step's loss
 and gradient are those of the whole batch. ``multitask-tokens`` averages over target tokens
 instead (``Method.loss_reduction = "token"``): each micro-batch's token sum is divided by the
-batch's target tokens (on this rank: under DDP the ranks' token means are averaged). A real model's batches, loss and generation
+global batch's target tokens per rank, so that the ranks' averaged gradients are those of the
+global token mean (one scalar all-reduce per step; its micro-batches are collated up front). A real model's batches, loss and generation
 come from its backbone (:mod:`mage_cl.backbones`; ``backbone=None``: the token-id examples
 of the embedded benchmark, with :func:`collate`, ``batch_loss`` and :func:`greedy_generate`). Under DDP
 (:mod:`mage_cl.distributed`) each rank trains on its slice of every global
@@ -278,6 +279,15 @@ def _eval_parts(chunk: List[Example], task: Task, backbone, max_tokens: Optional
 # ---------------------------------------------------------------------------------------- training
 
 
+def _targets_per_rank(local: int) -> float:
+    """The global batch's target tokens over the ranks (``local`` on one process): dividing each rank's
+    token sum by it makes the engines' average of the ranks' gradients the gradient of the global
+    token mean."""
+    n = torch.tensor([float(local)], dtype=torch.float64)
+    distributed.all_reduce_sum(n)
+    return float(n.item()) / distributed.world_size()
+
+
 def train_task(model: nn.Module, method: Method, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
                seed: int, desc: str = "train", progress: bool = False, backbone=None,
                engine: Optional[Engine] = None) -> Dict[str, float]:
@@ -292,6 +302,9 @@ def train_task(model: nn.Module, method: Method, examples: Sequence[Example], cf
     params = method.trainable_parameters()
     if not params:
         raise RuntimeError(f"method {method.name} has no trainable parameters for this task")
+    if method.needs_fisher and method.loss_reduction != "sample":
+        raise ValueError(f"method {method.name}: the per-sample Fisher needs loss_reduction 'sample', "
+                         f"not {method.loss_reduction!r}")
     engine = engine or Engine()
     dev = next(model.parameters()).device
     steps = engine.begin_task(model, params, cfg)
@@ -312,11 +325,12 @@ def train_task(model: nn.Module, method: Method, examples: Sequence[Example], cf
                 fisher.reset()
             steps.zero_grad()
             step_loss, step_tokens = 0.0, 0
-            # a token-mean loss divides every micro-batch's token sum by this rank's target tokens
-            # (so its micro-batches are collated up front; the sample mean collates them one by one)
+            # a token-mean loss divides every micro-batch's token sum by the global batch's target tokens
+            # per rank (the engines average the ranks' gradients), so its micro-batches are collated up
+            # front; the sample mean collates them one by one
             batches = ([_collate(backbone, part, model, pad_id, dev) for part in parts]
                        if method.loss_reduction == "token" else None)
-            n_targets = None if batches is None else sum(target_tokens(b) for b in batches)
+            n_targets = None if batches is None else _targets_per_rank(sum(target_tokens(b) for b in batches))
             for m_idx, part in enumerate(parts):
                 batch = batches[m_idx] if batches is not None else _collate(backbone, part, model, pad_id, dev)
                 share = len(part) / len(mine)  # this micro-batch's part of the mean over the batch

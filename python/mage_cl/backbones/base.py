@@ -5,7 +5,7 @@ batch's loss is computed, how an answer is generated and (for image outputs) dec
 which linears get MAGE's adapters. The trainer (:mod:`mage_cl.trainer`) only calls::
 
     batch = backbone.collate(examples, model, device)    # right-padded ids, labels, extras
-    loss = backbone.loss(model, batch)                   # mean over samples of their mean token loss
+    loss = backbone.loss(model, batch, reduction, n)     # mean of per-sample means ("sample") or token mean
     n = backbone.num_tokens(example)                     # for the token budget of micro-batches
     outs = backbone.generate(model, examples, task)      # generated ids per example (EOS excluded)
 

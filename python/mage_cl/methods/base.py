@@ -66,15 +66,16 @@ LOSS_REDUCTIONS = ("sample", "token")
 
 
 def batch_loss(model: nn.Module, batch: Dict[str, torch.Tensor], reduction: str = "sample",
-               num_tokens: Optional[int] = None) -> torch.Tensor:
+               num_tokens: Optional[float] = None) -> torch.Tensor:
     """The next-token loss of ``batch`` over its target tokens (labels ``!= -100``).
 
     ``reduction="sample"`` (every method but ``multitask-tokens``): the mean over samples of each
     sample's mean loss, written as ``(1/N) sum_n loss_n`` so that the per-sample Fisher of
     ALGORITHM.md §2 (``mk.Fisher(loss_reduction="mean")``) sees exactly the samples' losses
     ``loss_n``. ``reduction="token"``: the sum of the token losses over ``num_tokens`` (default:
-    this batch's target tokens), i.e. every target token weighs the same, so a 66-token image
-    answer counts 66 times a one-token text answer (ALGORITHM.md §9, the multitask bound's loss).
+    this batch's target tokens; the trainer passes the whole step's count, see
+    :func:`mage_cl.trainer.train_task`), i.e. every target token weighs the same, so a 66-token
+    image answer counts 66 times a one-token text answer (ALGORITHM.md §9, ``multitask-tokens``).
     Every key of ``batch`` but ``labels`` goes to the model (a real backbone's batch also holds
     ``pixel_values`` and ``logits_to_keep``); when the model returns logits for the last
     positions only (``logits_to_keep``), the labels are aligned to them.
@@ -89,7 +90,7 @@ def batch_loss(model: nn.Module, batch: Dict[str, torch.Tensor], reduction: str 
     ).view(labels.shape)
     mask = (labels != -100).to(tok.dtype)
     if reduction == "token":
-        return (tok * mask).sum() / float(max(1, int(mask.sum()) if num_tokens is None else num_tokens))
+        return (tok * mask).sum() / max(1.0, float(mask.sum()) if num_tokens is None else float(num_tokens))
     per_sample = (tok * mask).sum(1) / mask.sum(1).clamp_min(1.0)
     return per_sample.mean()
 
@@ -300,12 +301,14 @@ class Multitask(LoRA):
 class MultitaskTokens(Multitask):
     """The multitask upper bound with the loss averaged over target tokens instead of samples.
 
-    In a batch mixing the tasks, the per-sample mean gives each pixel of a 66-token image answer
-    1/66 of a sample's weight and each token of a one-to-three-token text answer a third to all
-    of it; with one task per batch (the continual methods) the two reductions differ by about a
-    constant, which AdamW's normalization removes. ALGORITHM.md §9.
+    In a batch mixing the tasks, the per-sample mean gives each token of a 66-token image answer
+    (the embedded benchmark's; a real model's are hundreds) 1/66 of a sample's weight and each
+    token of a one-to-three-token text answer a third to all of it. With one task per batch (the
+    continual methods) the target lengths hardly vary, so the two reductions nearly coincide
+    (they are identical when every length is equal). Its reported training loss is a token mean,
+    not comparable with the other methods'. ALGORITHM.md §9.
     """
 
     name = "multitask-tokens"
-    summary = "the upper bound with its loss averaged over target tokens (image answers weigh their 66 tokens)"
+    summary = "the upper bound with its loss averaged over target tokens (an image answer weighs all its tokens)"
     loss_reduction = "token"
