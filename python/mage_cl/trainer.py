@@ -17,9 +17,10 @@ micro-batch ``m`` of ``n_m`` samples contributes ``(n_m / N) * mean_m``, so the 
 and gradient are those of the whole batch. ``multitask-tokens`` averages over target tokens
 instead (``Method.loss_reduction = "token"``): each micro-batch's token sum is divided by the
 global batch's target tokens per rank, so that the ranks' averaged gradients are those of the
-global token mean (one scalar all-reduce per step; its micro-batches are collated up front). A real model's batches, loss and generation
-come from its backbone (:mod:`mage_cl.backbones`; ``backbone=None``: the token-id examples
-of the embedded benchmark, with :func:`collate`, ``batch_loss`` and :func:`greedy_generate`). Under DDP
+global token mean (one scalar all-reduce per step; its micro-batches are collated up front).
+A real model's batches, loss and generation come from its backbone (:mod:`mage_cl.backbones`;
+``backbone=None``: the token-id examples of the embedded benchmark, with :func:`collate`,
+``batch_loss`` and :func:`greedy_generate`). Under DDP
 (:mod:`mage_cl.distributed`) each rank trains on its slice of every global
 batch, the Fisher is synced before the method reads it, and evaluation counts
 are summed over ranks.
@@ -125,7 +126,8 @@ def _collate(backbone, examples: Sequence[Example], model: nn.Module, pad_id: in
     return collate(examples, pad_id, device) if backbone is None else backbone.collate(examples, model, device)
 
 
-def _loss(backbone, model: nn.Module, batch, reduction: str = "sample", num_tokens: Optional[int] = None) -> torch.Tensor:
+def _loss(backbone, model: nn.Module, batch, reduction: str = "sample",
+          num_tokens: Optional[float] = None) -> torch.Tensor:
     if backbone is None:
         return batch_loss(model, batch, reduction, num_tokens)
     return backbone.loss(model, batch, reduction, num_tokens)
@@ -334,16 +336,18 @@ def train_task(model: nn.Module, method: Method, examples: Sequence[Example], cf
             for m_idx, part in enumerate(parts):
                 batch = batches[m_idx] if batches is not None else _collate(backbone, part, model, pad_id, dev)
                 share = len(part) / len(mine)  # this micro-batch's part of the mean over the batch
+                # the token mean is already divided by the whole step's tokens; the sample mean is weighted
+                weight = 1.0 if n_targets is not None else share
                 if fisher is not None:
                     fisher.loss_scale = share  # its gradient is share * (1/n_m) sum_n g_n
                 with steps.accumulate(m_idx == len(parts) - 1):
                     loss = _loss(backbone, steps.module, batch, method.loss_reduction, n_targets)
-                    total = loss if len(parts) == 1 or n_targets is not None else loss * share
+                    total = loss if weight == 1.0 else loss * weight
                     if m_idx == 0:
                         extra = method.loss_extra(model)
                         total = total if extra is None else total + extra
                     steps.backward(total)
-                step_loss += float(loss.detach()) * (1.0 if n_targets is not None else share)
+                step_loss += float(loss.detach()) * weight
                 step_tokens += int(batch["attention_mask"].sum())
             if fisher is not None:
                 fisher.loss_scale = 1.0

@@ -210,7 +210,7 @@ class Backbone:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: Dict[str, Any], reduction: str = "sample",
-             num_tokens: Optional[int] = None) -> torch.Tensor:
+             num_tokens: Optional[float] = None) -> torch.Tensor:
         """The batch's target-token loss (text or image tokens), reduced as :func:`mage_cl.methods.base.batch_loss`."""
         from ..methods.base import batch_loss
 

@@ -43,7 +43,7 @@ class TokenIdBackbone(Backbone):
         return collate(examples, self.pad_id, device)
 
     def loss(self, model: nn.Module, batch: Dict[str, Any], reduction: str = "sample",
-             num_tokens: Optional[int] = None) -> torch.Tensor:
+             num_tokens: Optional[float] = None) -> torch.Tensor:
         from ..methods.base import batch_loss
 
         return batch_loss(model, batch, reduction, num_tokens)
