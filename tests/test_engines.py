@@ -62,7 +62,8 @@ def _zero3_config(root: Path) -> str:
     return str(path)
 
 
-OTHERS = ("zero-shot", "lora", "moelora", "multitask", "multitask-tokens", "ew", "ew-ga", "lae", "mage-dema", "cia")  # shard-local or stateless
+OTHERS = ("zero-shot", "lora", "moelora", "multitask", "multitask-tokens", "multitask-sqrt", "ew", "ew-ga", "lae",
+          "mage-dema", "cia")  # shard-local or stateless
 FSDP_METHODS = "mage,moelora,lae,ewc,pgp"  # what FSDP2 shards (routers, EMA, F), and PGP: a gathering method resumed
 #: The methods that need whole gradients or parameters, which the sharded engines gather for them each step
 #: (PGP's projection, RegLoRA's and ZeRO-3 EWC's penalty gradients, the authors' dense PEMA). They run in the

@@ -14,7 +14,7 @@ from mage_cl.trainer import TrainConfig, collate, train_task
 from cl_fakes import adapter_rank, batches, tiny_model, toy_tasks
 
 PAPER_METHODS = ["zero-shot", "lora", "moelora", "ewc", "lae", "pgp", "cia", "reglora", "ew", "ew-ga", "mage",
-                 "mage-dema", "mage-authors", "multitask", "multitask-tokens"]
+                 "mage-dema", "mage-authors", "multitask", "multitask-tokens", "multitask-sqrt"]
 
 
 def _setup(name, **kw):

@@ -222,7 +222,7 @@ def stage_plot(path: Path, records: Sequence[Dict[str, object]], metric: str = "
     names = next(r for r in records)["paper_names"]
     stages = range(1, len(names) + 1)
     low = 0.0
-    bounds = 0  # the upper bounds drawn so far (multitask, multitask-tokens): one line style each
+    bounds = 0  # the upper bounds drawn so far (multitask, multitask-tokens, multitask-sqrt): one line style each
     for i, r in enumerate(records):
         curve = r.get(key) or (M.stage_forgetting(r["acc"]) if key == "stage_forgetting" and r["stage_avg_acc"]
                               else None)

@@ -14,10 +14,11 @@ The loss is the mean over samples of each sample's mean target-token loss
 ``max_batch_tokens`` each step's batch is split into micro-batches of at most that many
 padded tokens whose gradients (and per-sample Fisher sums) accumulate into the same step:
 micro-batch ``m`` of ``n_m`` samples contributes ``(n_m / N) * mean_m``, so the step's loss
-and gradient are those of the whole batch. ``multitask-tokens`` averages over target tokens
-instead (``Method.loss_reduction = "token"``): each micro-batch's token sum is divided by the
-global batch's target tokens per rank, so that the ranks' averaged gradients are those of the
-global token mean (one scalar all-reduce per step; its micro-batches are collated up front).
+and gradient are those of the whole batch. ``multitask-tokens`` and ``multitask-sqrt`` weight
+each sample by its target tokens or their square root instead (``Method.loss_reduction`` ``"token"``,
+``"sqrt"``): each micro-batch's weighted sum is divided by the global batch's total weight per
+rank, so that the ranks' averaged gradients are those of the global weighted mean (one scalar
+all-reduce per step; their micro-batches are collated up front).
 A real model's batches, loss and generation come from its backbone (:mod:`mage_cl.backbones`;
 ``backbone=None``: the token-id examples of the embedded benchmark, with :func:`collate`,
 ``batch_loss`` and :func:`greedy_generate`). Under DDP
@@ -42,7 +43,7 @@ import mage_kernels as mk
 
 from . import distributed
 from .engines import Engine
-from .methods.base import Method, batch_loss, target_tokens
+from .methods.base import Method, batch_loss, loss_weight_total
 from .tasks.base import ERROR_TYPES, Example, Task
 
 __all__ = ["TrainConfig", "StageResult", "collate", "greedy_generate", "evaluate_task", "train_task",
@@ -127,10 +128,10 @@ def _collate(backbone, examples: Sequence[Example], model: nn.Module, pad_id: in
 
 
 def _loss(backbone, model: nn.Module, batch, reduction: str = "sample",
-          num_tokens: Optional[float] = None) -> torch.Tensor:
+          divisor: Optional[float] = None) -> torch.Tensor:
     if backbone is None:
-        return batch_loss(model, batch, reduction, num_tokens)
-    return backbone.loss(model, batch, reduction, num_tokens)
+        return batch_loss(model, batch, reduction, divisor)
+    return backbone.loss(model, batch, reduction, divisor)
 
 
 def _num_tokens(backbone, e: Example) -> int:
@@ -281,10 +282,10 @@ def _eval_parts(chunk: List[Example], task: Task, backbone, max_tokens: Optional
 # ---------------------------------------------------------------------------------------- training
 
 
-def _targets_per_rank(local: int) -> float:
-    """The global batch's target tokens over the ranks (``local`` on one process): dividing each rank's
-    token sum by it makes the engines' average of the ranks' gradients the gradient of the global
-    token mean."""
+def _weight_per_rank(local: float) -> float:
+    """The global batch's total loss weight (target tokens, or their square roots per sample) over the
+    ranks (``local`` on one process): dividing each rank's weighted sum by it makes the engines'
+    average of the ranks' gradients the gradient of the global weighted mean."""
     n = torch.tensor([float(local)], dtype=torch.float64)
     distributed.all_reduce_sum(n)
     return float(n.item()) / distributed.world_size()
@@ -327,21 +328,22 @@ def train_task(model: nn.Module, method: Method, examples: Sequence[Example], cf
                 fisher.reset()
             steps.zero_grad()
             step_loss, step_tokens = 0.0, 0
-            # a token-mean loss divides every micro-batch's token sum by the global batch's target tokens
-            # per rank (the engines average the ranks' gradients), so its micro-batches are collated up
-            # front; the sample mean collates them one by one
+            # a weighted loss (token, sqrt) divides every micro-batch's weighted sum by the global batch's
+            # total weight per rank (the engines average the ranks' gradients), so its micro-batches are
+            # collated up front; the sample mean collates them one by one
             batches = ([_collate(backbone, part, model, pad_id, dev) for part in parts]
-                       if method.loss_reduction == "token" else None)
-            n_targets = None if batches is None else _targets_per_rank(sum(target_tokens(b) for b in batches))
+                       if method.loss_reduction != "sample" else None)
+            divisor = None if batches is None else _weight_per_rank(
+                sum(loss_weight_total(b, method.loss_reduction) for b in batches))
             for m_idx, part in enumerate(parts):
                 batch = batches[m_idx] if batches is not None else _collate(backbone, part, model, pad_id, dev)
                 share = len(part) / len(mine)  # this micro-batch's part of the mean over the batch
-                # the token mean is already divided by the whole step's tokens; the sample mean is weighted
-                weight = 1.0 if n_targets is not None else share
+                # a weighted mean is already divided by the whole step's weight; the sample mean is weighted
+                weight = 1.0 if divisor is not None else share
                 if fisher is not None:
                     fisher.loss_scale = share  # its gradient is share * (1/n_m) sum_n g_n
                 with steps.accumulate(m_idx == len(parts) - 1):
-                    loss = _loss(backbone, steps.module, batch, method.loss_reduction, n_targets)
+                    loss = _loss(backbone, steps.module, batch, method.loss_reduction, divisor)
                     total = loss if weight == 1.0 else loss * weight
                     if m_idx == 0:
                         extra = method.loss_extra(model)

@@ -210,12 +210,12 @@ class Backbone:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: Dict[str, Any], reduction: str = "sample",
-             num_tokens: Optional[float] = None) -> torch.Tensor:
+             divisor: Optional[float] = None) -> torch.Tensor:
         """The batch's target-token loss (text or image tokens), reduced as :func:`mage_cl.methods.base.batch_loss`."""
         from ..methods.base import batch_loss
 
         with self.autocast(model):
-            return batch_loss(model, batch, reduction, num_tokens)
+            return batch_loss(model, batch, reduction, divisor)
 
     def num_tokens(self, example: Any) -> int:
         """Tokens of the sample once its images are expanded (prompt + target)."""

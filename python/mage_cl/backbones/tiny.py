@@ -43,10 +43,10 @@ class TokenIdBackbone(Backbone):
         return collate(examples, self.pad_id, device)
 
     def loss(self, model: nn.Module, batch: Dict[str, Any], reduction: str = "sample",
-             num_tokens: Optional[float] = None) -> torch.Tensor:
+             divisor: Optional[float] = None) -> torch.Tensor:
         from ..methods.base import batch_loss
 
-        return batch_loss(model, batch, reduction, num_tokens)
+        return batch_loss(model, batch, reduction, divisor)
 
     def generate(self, model: nn.Module, examples: Sequence[Any], task: Any, lockstep: bool = False) -> List[List[int]]:
         from ..trainer import greedy_generate

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Type
 
-from .base import LoRA, Method, MethodConfig, Multitask, MultitaskTokens, ZeroShot
+from .base import LoRA, Method, MethodConfig, Multitask, MultitaskSqrt, MultitaskTokens, ZeroShot
 from .cia import CIA
 from .ewc import EWC
 from .lae import LAE
@@ -22,11 +22,11 @@ from .reglora import RegLoRA
 __all__ = ["METHODS", "make_method", "Method", "MethodConfig", "MoELoRALinear"]
 
 #: CLI name -> method class, in the paper's Table 1 order, then the ablations, MAGE's two update variants
-#: (DEMA, the authors' dense PEMA) and the upper bound (with its two loss reductions).
+#: (DEMA, the authors' dense PEMA) and the upper bound (with its three loss reductions).
 METHODS: Dict[str, Type[Method]] = {
     cls.name: cls
     for cls in (ZeroShot, LoRA, MoELoRA, EWC, LAE, PGP, CIA, RegLoRA, EW, EWGA, MAGE, MAGEDEMA, MAGEAuthors,
-                Multitask, MultitaskTokens)
+                Multitask, MultitaskTokens, MultitaskSqrt)
 }
 
 

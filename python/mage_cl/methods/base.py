@@ -34,8 +34,8 @@ from torch import nn
 import mage_kernels as mk
 from mage_kernels.sharding import full_shape, full_tensor, load_full_
 
-__all__ = ["MethodConfig", "Method", "WithTaskEMA", "LoRA", "ZeroShot", "Multitask", "MultitaskTokens", "tensor_bytes",
-           "batch_loss", "target_tokens", "LOSS_REDUCTIONS"]
+__all__ = ["MethodConfig", "Method", "WithTaskEMA", "LoRA", "ZeroShot", "Multitask", "MultitaskTokens", "MultitaskSqrt", "tensor_bytes",
+           "batch_loss", "target_tokens", "loss_weight_total", "LOSS_REDUCTIONS"]
 
 
 @dataclass
@@ -61,21 +61,26 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
-#: The two loss reductions of :func:`batch_loss`.
-LOSS_REDUCTIONS = ("sample", "token")
+#: The loss reductions of :func:`batch_loss`: each sample's mean target-token loss weighted by 1
+#: (``sample``), by its target tokens (``token``) or by their square root (``sqrt``).
+LOSS_REDUCTIONS = ("sample", "token", "sqrt")
 
 
 def batch_loss(model: nn.Module, batch: Dict[str, torch.Tensor], reduction: str = "sample",
-               num_tokens: Optional[float] = None) -> torch.Tensor:
+               divisor: Optional[float] = None) -> torch.Tensor:
     """The next-token loss of ``batch`` over its target tokens (labels ``!= -100``).
 
     ``reduction="sample"`` (every method but ``multitask-tokens``): the mean over samples of each
     sample's mean loss, written as ``(1/N) sum_n loss_n`` so that the per-sample Fisher of
     ALGORITHM.md §2 (``mk.Fisher(loss_reduction="mean")``) sees exactly the samples' losses
-    ``loss_n``. ``reduction="token"``: the sum of the token losses over ``num_tokens`` (default:
+    ``loss_n``. ``reduction="token"``: the sum of the token losses over ``divisor`` (default:
     this batch's target tokens; the trainer passes the whole step's count, see
     :func:`mage_cl.trainer.train_task`), i.e. every target token weighs the same, so a 66-token
     image answer counts 66 times a one-token text answer (ALGORITHM.md §9, ``multitask-tokens``).
+    ``reduction="sqrt"``: ``sum_n sqrt(T_n) loss_n / divisor`` with ``T_n`` the sample's target
+    tokens and ``divisor`` (default: this batch's ``sum_n sqrt(T_n)``) the step's total weight, in
+    between: a 66-token answer counts about 8 times a one-token one (``multitask-sqrt``).
+    :func:`loss_weight_total` is a batch's total weight for either.
     Every key of ``batch`` but ``labels`` goes to the model (a real backbone's batch also holds
     ``pixel_values`` and ``logits_to_keep``); when the model returns logits for the last
     positions only (``logits_to_keep``), the labels are aligned to them.
@@ -90,14 +95,28 @@ def batch_loss(model: nn.Module, batch: Dict[str, torch.Tensor], reduction: str 
     ).view(labels.shape)
     mask = (labels != -100).to(tok.dtype)
     if reduction == "token":
-        return (tok * mask).sum() / max(1.0, float(mask.sum()) if num_tokens is None else float(num_tokens))
-    per_sample = (tok * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return (tok * mask).sum() / max(1.0, float(mask.sum()) if divisor is None else float(divisor))
+    lengths = mask.sum(1)
+    per_sample = (tok * mask).sum(1) / lengths.clamp_min(1.0)
+    if reduction == "sqrt":
+        w = lengths.sqrt()
+        return (w * per_sample).sum() / max(1.0, float(w.sum()) if divisor is None else float(divisor))
     return per_sample.mean()
 
 
 def target_tokens(batch: Dict[str, torch.Tensor]) -> int:
     """Number of target tokens (labels ``!= -100`` after the first position) of a collated ``batch``."""
     return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def loss_weight_total(batch: Dict[str, torch.Tensor], reduction: str) -> float:
+    """The total sample weight of ``batch`` under a weighted ``reduction`` of :func:`batch_loss`:
+    its target tokens (``token``) or the sum of their square roots per sample (``sqrt``)."""
+    if reduction == "token":
+        return float(target_tokens(batch))
+    if reduction == "sqrt":
+        return float((batch["labels"][:, 1:] != -100).sum(1).double().sqrt().sum())
+    raise ValueError(f"loss reduction {reduction!r} has no total weight (only 'token' and 'sqrt')")
 
 
 class Method:
@@ -115,7 +134,7 @@ class Method:
     joint = False
     #: Whether the trainer should accumulate the per-sample Fisher each step (ALGORITHM.md section 2).
     needs_fisher = False
-    #: How the training loss averages over a batch (:func:`batch_loss`): ``"sample"`` or ``"token"``.
+    #: How the training loss averages over a batch (:func:`batch_loss`): one of :data:`LOSS_REDUCTIONS`.
     loss_reduction = "sample"
 
     def __init__(self, config: Optional[MethodConfig] = None) -> None:
@@ -312,3 +331,18 @@ class MultitaskTokens(Multitask):
     name = "multitask-tokens"
     summary = "the upper bound with its loss averaged over target tokens (an image answer weighs all its tokens)"
     loss_reduction = "token"
+
+
+class MultitaskSqrt(Multitask):
+    """The multitask upper bound with each sample's loss weighted by the square root of its target tokens.
+
+    Between ``multitask`` (weight 1: a 66-token image answer's tokens each get 1/66 of a sample's
+    weight, and the image tasks learn slowly) and ``multitask-tokens`` (weight ``T``: the image
+    answers take most of every mixed batch's gradient, and the short text answers learn slowly):
+    a 66-token answer counts ``sqrt(66/2)``, about 6 times a two-token one. Its reported training
+    loss is this weighted mean. ALGORITHM.md §9.
+    """
+
+    name = "multitask-sqrt"
+    summary = "the upper bound with each sample's loss weighted by sqrt(its target tokens), between the two above"
+    loss_reduction = "sqrt"
