@@ -250,7 +250,11 @@ def stage_plot(path: Path, records: Sequence[Dict[str, object]], metric: str = "
                   else "Forgetting of the earlier tasks (points)")
     ax.set_title(f"{metric} after each stage")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    else:  # e.g. the Forgetting of a comparison of upper bounds only: nothing has stages
+        ax.text(0.5, 0.5, "no method with stages in this comparison", transform=ax.transAxes,
+                ha="center", va="center", color="0.4")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
