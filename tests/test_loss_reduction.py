@@ -149,11 +149,11 @@ def test_the_sqrt_mean_s_step_is_the_written_out_weighted_gradient():
     _, loss, g = _one_step_grads("multitask-sqrt", None)
     v, model, m, exs = _set_up("multitask-sqrt")
     params = m.trainable_parameters()
-    lengths = [target_tokens(collate([e], v.pad_id, torch.device("cpu"))) for e in exs]
+    singles = [collate([e], v.pad_id, torch.device("cpu")) for e in exs]
+    lengths = [target_tokens(b) for b in singles]
     assert len(set(lengths)) > 1  # answers of several lengths, so the weights matter
     total, weights = 0.0, 0.0
-    for e, n in zip(exs, lengths):
-        b = collate([e], v.pad_id, torch.device("cpu"))
+    for b, n in zip(singles, lengths):
         w = n ** 0.5
         total = total + w * batch_loss(model, b)
         weights += w

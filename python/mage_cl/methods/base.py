@@ -34,8 +34,8 @@ from torch import nn
 import mage_kernels as mk
 from mage_kernels.sharding import full_shape, full_tensor, load_full_
 
-__all__ = ["MethodConfig", "Method", "WithTaskEMA", "LoRA", "ZeroShot", "Multitask", "MultitaskTokens", "MultitaskSqrt", "tensor_bytes",
-           "batch_loss", "target_tokens", "loss_weight_total", "LOSS_REDUCTIONS"]
+__all__ = ["MethodConfig", "Method", "WithTaskEMA", "LoRA", "ZeroShot", "Multitask", "MultitaskTokens", "MultitaskSqrt",
+           "tensor_bytes", "batch_loss", "target_tokens", "loss_weight_total", "LOSS_REDUCTIONS"]
 
 
 @dataclass
@@ -70,7 +70,7 @@ def batch_loss(model: nn.Module, batch: Dict[str, torch.Tensor], reduction: str 
                divisor: Optional[float] = None) -> torch.Tensor:
     """The next-token loss of ``batch`` over its target tokens (labels ``!= -100``).
 
-    ``reduction="sample"`` (every method but ``multitask-tokens``): the mean over samples of each
+    ``reduction="sample"`` (every method but ``multitask-tokens`` and ``multitask-sqrt``): the mean over samples of each
     sample's mean loss, written as ``(1/N) sum_n loss_n`` so that the per-sample Fisher of
     ALGORITHM.md §2 (``mk.Fisher(loss_reduction="mean")``) sees exactly the samples' losses
     ``loss_n``. ``reduction="token"``: the sum of the token losses over ``divisor`` (default:
@@ -104,9 +104,14 @@ def batch_loss(model: nn.Module, batch: Dict[str, torch.Tensor], reduction: str 
     return per_sample.mean()
 
 
+def _target_lengths(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Target tokens per sample (labels ``!= -100`` after the first position) of a collated ``batch``."""
+    return (batch["labels"][:, 1:] != -100).sum(1)
+
+
 def target_tokens(batch: Dict[str, torch.Tensor]) -> int:
     """Number of target tokens (labels ``!= -100`` after the first position) of a collated ``batch``."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int(_target_lengths(batch).sum())
 
 
 def loss_weight_total(batch: Dict[str, torch.Tensor], reduction: str) -> float:
@@ -115,7 +120,7 @@ def loss_weight_total(batch: Dict[str, torch.Tensor], reduction: str) -> float:
     if reduction == "token":
         return float(target_tokens(batch))
     if reduction == "sqrt":
-        return float((batch["labels"][:, 1:] != -100).sum(1).double().sqrt().sum())
+        return float(_target_lengths(batch).double().sqrt().sum())
     raise ValueError(f"loss reduction {reduction!r} has no total weight (only 'token' and 'sqrt')")
 
 
