@@ -82,10 +82,19 @@ MULTIPROCESS_MODULES = frozenset({"test_distributed", "test_engines", "test_engi
                                   "test_scale_readme", "test_trainer_callback"})
 
 
+#: Modules started first (the longest test runs while the other worker goes through the rest).
+FIRST_MODULES = ("test_main_job",)
+
+
+def _module(item) -> str:
+    return item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
+    items.sort(key=lambda item: _module(item) not in FIRST_MODULES)  # stable: the rest keep their order
     for item in items:
-        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+        module = _module(item)
         group = "multiprocess" if module in MULTIPROCESS_MODULES else module
         item.add_marker(pytest.mark.xdist_group(group))
 

@@ -135,7 +135,8 @@ def test_default_results_directory_and_final_line(capsys, tmp_path, monkeypatch)
     out = Path("runs") / "ew-smoke-default-seed0"
     rec = json.loads((out / "results.json").read_text())
     assert rec["complete"] and rec["out"] == str(out)
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    note, last = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert note.startswith("mage-cl: note: the smoke preset is a plumbing check") and "--preset cpu" in note
     assert last.startswith("mage-cl: ew (smoke preset, default order, seed 0): Avg.ACC ")
     assert "Forgetting" in last and "New.ACC" in last and last.endswith(f"results in {out}/")
     for name in ("accuracy.csv", "table.md", "accuracy_matrix.png", "stage_avg_acc.png"):

@@ -42,7 +42,7 @@ from . import checkpoint, distributed, results
 from .engines import ENGINES, LR_SCHEDULES, Engine, make_engine, read_deepspeed_config
 from .methods import METHODS, make_method
 from .methods.base import MethodConfig
-from .presets import Preset, get_preset
+from .presets import MAIN_JOB_PRESET, PRESETS, Preset, get_preset
 from .trainer import Sequencer, StageResult
 
 __all__ = ["RunOptions", "UsageError", "prepare", "run", "compare", "TEXT_OUTPUT_TASKS"]
@@ -486,6 +486,16 @@ def interrupted_line() -> str:
     if st.get("phase") == "pretrain":
         return "interrupted while pretraining the base model (nothing to resume yet); rerun the same command"
     return "interrupted before training started; rerun the same command"
+
+
+def preset_note(record: Dict[str, object]) -> Optional[str]:
+    """A line saying that a finished run's accuracies mean nothing, for a plumbing-check preset (else None)."""
+    preset = PRESETS.get(str(record.get("preset")))
+    if preset is None or not preset.plumbing_check or not record["complete"]:
+        return None
+    return (f"mage-cl: note: the {preset.name} preset is a plumbing check ({preset.train.steps_per_task} steps per "
+            f"task, {preset.train.max_eval} test examples): its accuracies mean nothing; "
+            f"--preset {MAIN_JOB_PRESET} learns every task")
 
 
 def summary_line(record: Dict[str, object]) -> str:
