@@ -135,7 +135,9 @@ def test_default_results_directory_and_final_line(capsys, tmp_path, monkeypatch)
     out = Path("runs") / "ew-smoke-default-seed0"
     rec = json.loads((out / "results.json").read_text())
     assert rec["complete"] and rec["out"] == str(out)
-    note, last = capsys.readouterr().out.strip().splitlines()[-2:]
+    learned, note, last = capsys.readouterr().out.strip().splitlines()[-3:]
+    diag = ", ".join(f"{name} {rec['acc'][j][j]:.1f}" for j, name in enumerate(rec["paper_names"]))
+    assert learned == f"mage-cl: accuracy right after learning each task (New.ACC is their mean): {diag}"
     assert note.startswith("mage-cl: note: the smoke preset is a plumbing check") and "--preset cpu" in note
     assert last.startswith("mage-cl: ew (smoke preset, default order, seed 0): Avg.ACC ")
     assert "Forgetting" in last and "New.ACC" in last and last.endswith(f"results in {out}/")
@@ -228,3 +230,23 @@ def test_ctrl_c_keeps_the_checkpoint_and_resume_reaches_the_same_results(tmp_pat
     assert b["processes"] == 2
     # wall time accumulates over both processes: the first one's share is part of the total
     assert b["wall_seconds"] > first_process > 0
+
+
+def test_stage_lines_name_the_task_just_learned_first(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAGE_CL_CACHE", str(tmp_path / "cache"))
+    argv = [a for a in FAST if a != "--no-progress"]
+    assert main(["run", "--method", "lora", "--tasks", "vqa,ocr", "--out", str(tmp_path / "run")] + argv) == 0
+    rec = json.loads((tmp_path / "run" / "results.json").read_text())
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if " finished (" in ln]
+    (a, b), acc = lines, rec["acc"]
+    assert a.startswith("mage-cl: stage 1/2 finished (") and a.endswith(f"VQAv2 {acc[0][0]:.1f} right after learning it")
+    assert b.startswith("mage-cl: stage 2/2 finished (")
+    assert b.endswith(f"OCRVQA {acc[1][1]:.1f} right after learning it; earlier tasks now: VQAv2 {acc[1][0]:.1f}")
+
+
+def test_zero_shot_prints_no_learning_lines(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAGE_CL_CACHE", str(tmp_path / "cache"))
+    argv = [a for a in FAST if a != "--no-progress"]
+    assert main(["run", "--method", "zero-shot", "--out", str(tmp_path / "run")] + argv) == 0
+    captured = capsys.readouterr()
+    assert " finished (" not in captured.err and "right after learning" not in captured.out

@@ -238,9 +238,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 from .results import markdown_table
 
                 print(markdown_table([record]), end="")
-                note = runner.preset_note(record)
-                if note:
-                    print(note)
+                for line in (runner.learned_line(record), runner.preset_note(record)):
+                    if line:
+                        print(line)
                 print(runner.summary_line(record))
         else:
             _, md, out = runner.compare(_methods(args.methods), opts, jobs=args.jobs)

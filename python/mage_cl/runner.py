@@ -498,6 +498,30 @@ def preset_note(record: Dict[str, object]) -> Optional[str]:
             f"--preset {MAIN_JOB_PRESET} learns every task")
 
 
+def stage_line(j: int, n_stages: int, st: StageResult, paper_of: Dict[str, str], joint: bool,
+               elapsed: float) -> str:
+    """What a finished stage scored, in one line: the task just learned first, then the earlier ones."""
+    accs = st.acc
+    if joint:
+        scores = ", ".join(f"{paper_of.get(n, n)} {a:.1f}" for n, a in accs.items())
+        return f"multitask stage finished ({elapsed / 60:.1f} min): {scores}"
+    name = st.task
+    earlier = ", ".join(f"{paper_of.get(n, n)} {a:.1f}" for n, a in accs.items() if n != name)
+    tail = f"; earlier tasks now: {earlier}" if earlier else ""
+    return (f"stage {j + 1}/{n_stages} finished ({elapsed / 60:.1f} min): {paper_of.get(name, name)} "
+            f"{accs[name]:.1f} right after learning it{tail}")
+
+
+def learned_line(record: Dict[str, object]) -> Optional[str]:
+    """Each task's accuracy right after it was learned (the mean is New.ACC), for a complete continual run."""
+    cls = METHODS.get(str(record["method"]))
+    if record["joint"] or not record["complete"] or cls is None or not cls.trains:
+        return None
+    acc = record["acc"]
+    parts = ", ".join(f"{name} {acc[j][j]:.1f}" for j, name in enumerate(record["paper_names"]))
+    return f"mage-cl: accuracy right after learning each task (New.ACC is their mean): {parts}"
+
+
 def summary_line(record: Dict[str, object]) -> str:
     """The headline numbers of a run and where its results are, in one line."""
     where = record.get("out")
@@ -604,6 +628,8 @@ def _run(opts: RunOptions, preset: Preset, out: Path, work: Optional[Workload], 
     def on_stage_start(j: int, name: str) -> None:
         _STATUS.update(phase="stage", stage=j + 1, of=n_stages, task=name)
 
+    paper_of = {n: getattr(work.tasks[n], "paper_name", n) for n in work.names}
+
     def on_stage(j: int, st: StageResult) -> None:
         stages.append(asdict(st))
         # every rank gathers (a collective under FSDP2 / ZeRO-3), rank 0 writes
@@ -621,6 +647,8 @@ def _run(opts: RunOptions, preset: Preset, out: Path, work: Optional[Workload], 
                 raise failed
             raise RuntimeError("rank 0 could not write the checkpoint (its error is above); stopping")
         _STATUS.update(done=j + 1)
+        if opts.progress and method.trains:
+            _say(stage_line(j, n_stages, st, paper_of, method.joint, elapsed()))
         if (opts.max_stages is not None and not method.joint and len(stages) >= opts.max_stages
                 and len(stages) < len(work.names)):
             raise _Stop()
