@@ -14,14 +14,9 @@ It is the suite's longest test (the ``cpu`` preset: several minutes on one core)
 from __future__ import annotations
 
 import json
-import re
-import shlex
-from pathlib import Path
 
 from mage_cl.cli import main
-
-REPO = Path(__file__).resolve().parents[1]
-FENCE = re.compile(r"^```bash[^\n]*\n(.*?)^```", re.S | re.M)
+from test_readme import blocks, mage_cl_commands
 
 #: Points above zero-shot each task must reach right after it is learned. With the ``cpu``
 #: preset's 300 test examples per task, one standard error of an accuracy near 50 % is 2.9 points.
@@ -30,12 +25,9 @@ MARGIN = 5.0
 
 def first_command() -> list:
     """The argv (after ``mage-cl``) of the first ``mage-cl run`` in the README's first bash block."""
-    block = FENCE.search((REPO / "README.md").read_text()).group(1)
-    for line in block.splitlines():
-        if "mage-cl run" in line and not line.lstrip().startswith("#"):
-            words = shlex.split(line.split("mage-cl", 1)[1])
-            return [w for w in words if w not in ("&&", ";")]
-    raise AssertionError("the README's first bash block has no `mage-cl run` command")
+    runs = [argv for argv in mage_cl_commands(blocks("bash")[:1]) if argv[:1] == ["run"]]
+    assert runs, "the README's first bash block has no `mage-cl run` command"
+    return runs[0]
 
 
 def test_the_first_command_is_a_mage_run_of_a_preset_that_learns():

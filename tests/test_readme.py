@@ -65,8 +65,9 @@ def _commands(line: str):
     yield words
 
 
-def _mage_cl_lines():
-    for b in blocks("bash"):
+def mage_cl_commands(bash_blocks=None):
+    """The argv (after ``mage-cl``) of every ``mage-cl`` command in ``bash_blocks`` (default: all of the README's)."""
+    for b in blocks("bash") if bash_blocks is None else bash_blocks:
         for line in b.replace("\\\n", " ").splitlines():
             if "mage-cl" not in line and "mage_cl.cli" not in line:
                 continue  # other shell lines (pip, multi-line python -c strings) are not parsed here
@@ -81,7 +82,7 @@ def _mage_cl_lines():
                     yield words[words.index("mage_cl.cli") + 1:]
 
 
-@pytest.mark.parametrize("argv", list(_mage_cl_lines()), ids=lambda a: " ".join(a)[:60])
+@pytest.mark.parametrize("argv", list(mage_cl_commands()), ids=lambda a: " ".join(a)[:60])
 def test_mage_cl_commands_in_the_readme_parse(argv, monkeypatch):
     from mage_cl.cli import _parser
 

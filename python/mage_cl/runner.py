@@ -498,17 +498,22 @@ def preset_note(record: Dict[str, object]) -> Optional[str]:
             f"--preset {MAIN_JOB_PRESET} learns every task")
 
 
+def _scores(pairs) -> str:
+    """``"VQAv2 50.7, ImageNet 62.0"`` from ``(name, accuracy)`` pairs."""
+    return ", ".join(f"{name} {acc:.1f}" for name, acc in pairs)
+
+
 def stage_line(j: int, n_stages: int, st: StageResult, paper_of: Dict[str, str], joint: bool,
                elapsed: float) -> str:
     """What a finished stage scored, in one line: the task just learned first, then the earlier ones."""
     accs = st.acc
     if joint:
-        scores = ", ".join(f"{paper_of.get(n, n)} {a:.1f}" for n, a in accs.items())
+        scores = _scores((paper_of[n], a) for n, a in accs.items())
         return f"multitask stage finished ({elapsed / 60:.1f} min): {scores}"
     name = st.task
-    earlier = ", ".join(f"{paper_of.get(n, n)} {a:.1f}" for n, a in accs.items() if n != name)
+    earlier = _scores((paper_of[n], a) for n, a in accs.items() if n != name)
     tail = f"; earlier tasks now: {earlier}" if earlier else ""
-    return (f"stage {j + 1}/{n_stages} finished ({elapsed / 60:.1f} min): {paper_of.get(name, name)} "
+    return (f"stage {j + 1}/{n_stages} finished ({elapsed / 60:.1f} min): {paper_of[name]} "
             f"{accs[name]:.1f} right after learning it{tail}")
 
 
@@ -518,7 +523,7 @@ def learned_line(record: Dict[str, object]) -> Optional[str]:
     if record["joint"] or not record["complete"] or cls is None or not cls.trains:
         return None
     acc = record["acc"]
-    parts = ", ".join(f"{name} {acc[j][j]:.1f}" for j, name in enumerate(record["paper_names"]))
+    parts = _scores((name, acc[j][j]) for j, name in enumerate(record["paper_names"]))
     return f"mage-cl: accuracy right after learning each task (New.ACC is their mean): {parts}"
 
 
@@ -673,7 +678,7 @@ def _run(opts: RunOptions, preset: Preset, out: Path, work: Optional[Workload], 
         "steps_per_task": preset.train.steps_per_task, "lr": preset.train.lr,
         "lr_schedule": preset.train.lr_schedule, "out": str(out), **work.info,
     }
-    paper = [getattr(work.tasks[n], "paper_name", n) for n in work.names]
+    paper = [paper_of[n] for n in work.names]
     record = results.build_record(opts.method, work.names, paper, stages, method.joint, meta)
     if write and distributed.is_main() and record["complete"]:
         with _DeferInterrupt():
