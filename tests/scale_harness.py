@@ -27,6 +27,8 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
+from gloo import init_gloo
+
 WORLD = 2
 ENGINES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 STEPS = 3
@@ -325,7 +327,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, engines) -> Non
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init_gloo(init_file, rank, world)
     try:
         for name in engines:
             t0 = time.perf_counter()

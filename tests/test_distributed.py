@@ -21,6 +21,7 @@ from mage_cl.methods import MethodConfig, make_method
 from mage_cl.trainer import Sequencer, TrainConfig
 
 from cl_fakes import tiny_model, toy_tasks
+from gloo import init_gloo
 
 CFG = TrainConfig(steps_per_task=3, batch_size=4, lr=1e-2, eval_batch_size=8, max_eval=6, consolidate_batches=2)
 
@@ -46,7 +47,7 @@ def _train(out_file: str, method: str) -> None:
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init_gloo(init_file, rank, world)
     try:
         _train(os.path.join(out_dir, f"{method}_rank{rank}.pt"), method)
     finally:

@@ -30,6 +30,8 @@ from torch.func import grad, vmap
 import mage_kernels as mk
 from mage_kernels import reference
 
+from gloo import init_gloo
+
 BACKENDS = ["torch", "triton"]
 REL = 2e-5  # float32 layer vs float64 reference (relative to the largest entry)
 
@@ -301,7 +303,7 @@ def test_sync_is_a_noop_without_distributed():
 def _sync_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init_gloo(init_file, rank, world)
     try:
         torch.manual_seed(0)
         layer = mk.MageLinear(5, 4, r=2, dropout=0.0)
