@@ -5,8 +5,8 @@ torch pins the default process group when ``torch._dynamo`` is first imported af
 ``transformers``' model code): ``destroy_process_group`` then leaves gloo's threads running, and
 about one worker exit in twelve aborts with SIGABRT ("terminate called without an active
 exception"; measured 5 of 60 two-process runs of ``test_fisher``'s sync worker, 0 of 60 with
-the import first). The driver imports it before joining (:mod:`mage_cl.runner` imports
-``transformers``); these workers import it here.
+the import first). The driver imports it before joining (:func:`mage_cl.distributed.init`);
+these workers import it here.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ Outside ``torchrun`` every helper is a no-op for a single process.
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 from typing import List, Sequence, TypeVar
 
@@ -58,6 +59,11 @@ def init(backend: str = "auto") -> bool:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # torch._dynamo first: imported after the group exists (the first torch.library op call does),
+    # it pins the default group, destroy_process_group leaves gloo's threads running, and about
+    # one exit in twelve aborts (tests/test_distributed.py checks no gloo thread survives shutdown)
+    importlib.import_module("torch._dynamo")
+
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60))
     return True
 
